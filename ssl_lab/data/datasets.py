@@ -1,0 +1,281 @@
+"""Data sets as uint8 image tensors: held in memory when small, decoded by workers when not.
+
+Every loader returns `DataSplits`: the pretraining images, and for labelled data the kNN memory
+bank and test queries, with the normalisation statistics of the data set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ssl_lab import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class ImageSet:
+    """Images of one split: `images` (uint8 [N,3,H,W]) when in memory, else `files` decoded on demand."""
+
+    images: torch.Tensor | None = None
+    files: list[Path] | None = None
+    labels: torch.Tensor | None = None
+    image_size: int = 32
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else len(self.files)
+
+
+@dataclass
+class DataSplits:
+    train: ImageSet
+    memory: ImageSet | None  # labelled kNN bank; None for unlabelled data (no kNN monitor)
+    test: ImageSet | None  # labelled kNN queries
+    num_classes: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    if limit is None or limit >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+
+
+def _limited(images: ImageSet, limit: int | None, seed: int) -> ImageSet:
+    idx = _subset(len(images), limit, seed)
+    if idx is None:
+        return images
+    return ImageSet(
+        images=images.images[idx] if images.images is not None else None,
+        files=[images.files[i] for i in idx] if images.files is not None else None,
+        labels=images.labels[idx] if images.labels is not None else None,
+        image_size=images.image_size,
+    )
+
+
+# ----------------------------------------------------------------------------- decoding image files
+
+
+def decode_image(path: Path, size: int) -> torch.Tensor:
+    """uint8 [3,size,size]: the image with its short side resized to `size`, centre-cropped."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            if (w, h) != (size, size):
+                scale = size / min(w, h)
+                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+                left, top = (im.width - size) // 2, (im.height - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            array = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from None
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Decodes files in DataLoader workers; errors travel back as text so the main process can
+    report them in one line (an exception raised in a worker arrives wrapped in its traceback)."""
+
+    def __init__(self, files: list[Path], size: int) -> None:
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        try:
+            return decode_image(self.files[i], self.size), ""
+        except UserError as e:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
+
+
+def collate_decoded(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([b[0] for b in batch]), [b[1] for b in batch if b[1]]
+
+
+def decode_all(files: list[Path], size: int, num_workers: int) -> torch.Tensor:
+    """Decode every file into one uint8 tensor, in parallel workers."""
+    loader = torch.utils.data.DataLoader(
+        FileDataset(files, size), batch_size=256, num_workers=num_workers, collate_fn=collate_decoded
+    )
+    out = torch.empty(len(files), 3, size, size, dtype=torch.uint8)
+    start = 0
+    for images, errors in loader:
+        if errors:
+            raise UserError(errors[0])
+        out[start : start + len(images)] = images
+        start += len(images)
+    return out
+
+
+def find_images(folder: Path, labelled: bool) -> tuple[list[Path], torch.Tensor | None, list[str]]:
+    """Image files under `folder`; with `labelled`, the first sub-folder names are the classes
+    (sorted, as torchvision's ImageFolder)."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not labelled:
+        return files, None, []
+    classes = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
+    if not classes:
+        raise UserError(
+            f"{folder} has no class sub-folders, so there are no labels; "
+            "put images in <split>/<class>/ folders or set data.labelled=false"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    files = [p for p in files if len(p.relative_to(folder).parts) > 1]
+    labels = torch.tensor([index[p.relative_to(folder).parts[0]] for p in files])
+    return files, labels, classes
+
+
+def folder_split(
+    folder: Path, size: int, labelled: bool, limit: int | None, seed: int, in_memory: bool, workers: int
+) -> tuple[ImageSet, list[str]]:
+    files, labels, classes = find_images(folder, labelled)
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
+    split = _limited(ImageSet(files=files, labels=labels, image_size=size), limit, seed)
+    if in_memory:
+        split = ImageSet(images=decode_all(split.files, size, workers), labels=split.labels, image_size=size)
+    return split, classes
+
+
+# ----------------------------------------------------------------------------- the data sets
+
+
+def synthetic(
+    image_size: int = 32,
+    num_train: int = 10000,
+    num_test: int = 2000,
+    num_classes: int = 10,
+    seed: int = 0,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.25, 0.25, 0.25),
+    **_: object,
+) -> DataSplits:
+    from ssl_lab.data.synthetic import make_synthetic
+
+    x_train, y_train, x_test, y_test = make_synthetic(num_train, num_test, image_size, num_classes, seed)
+    train = ImageSet(images=x_train, labels=y_train, image_size=image_size)
+    test = ImageSet(images=x_test, labels=y_test, image_size=image_size)
+    return DataSplits(train, train, test, num_classes, mean, std)
+
+
+def _missing(what: str, looked: list[Path], how: str) -> UserError:
+    return UserError(f"no {what} found (looked in {', '.join(map(str, looked))}); {how}")
+
+
+def cifar(
+    name: str,
+    root: str,
+    download: bool = False,
+    image_size: int = 32,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.25, 0.25, 0.25),
+    num_workers: int = 2,
+    **_: object,
+) -> DataSplits:
+    """CIFAR-10/100 from torchvision's format (downloadable) or an ImageFolder tree with train/ and test/."""
+    import torchvision
+
+    base = Path(root).expanduser()
+    tv_class, tv_dir = {
+        "cifar10": (torchvision.datasets.CIFAR10, "cifar-10-batches-py"),
+        "cifar100": (torchvision.datasets.CIFAR100, "cifar-100-python"),
+    }[name]
+    looked = [base, base / name, base / f"{name}-jpeg"]
+    for folder in looked:
+        if (folder / "train").is_dir() and (folder / "test").is_dir():
+            train, classes = folder_split(
+                folder / "train", image_size, True, limit_train, 0, True, num_workers
+            )
+            test, _ = folder_split(folder / "test", image_size, True, limit_test, 1, True, num_workers)
+            return DataSplits(train, train, test, len(classes), mean, std)
+    tv_root = next((f for f in looked if (f / tv_dir).is_dir()), base)
+    if not (tv_root / tv_dir).is_dir() and not download:
+        raise _missing(
+            name,
+            looked,
+            f"set data.root=<dir> (or SSL_LAB_DATA) to a folder holding {tv_dir}/ or train/ and test/ "
+            "class folders, or add data.download=true",
+        )
+    splits = []
+    for train_split, limit, seed in ((True, limit_train, 0), (False, limit_test, 1)):
+        ds = tv_class(str(tv_root), train=train_split, download=download)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        full = ImageSet(images=images, labels=torch.tensor(ds.targets), image_size=32)
+        splits.append(_limited(full, limit, seed))
+    return DataSplits(splits[0], splits[0], splits[1], len(ds.classes), mean, std)
+
+
+def stl10(
+    root: str,
+    download: bool = False,
+    image_size: int = 96,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.25, 0.25, 0.25),
+    **_: object,
+) -> DataSplits:
+    """Pretrain on train+unlabeled (105k images); the kNN bank is the labelled train split."""
+    import torchvision
+
+    base = Path(root).expanduser()
+    if not (base / "stl10_binary").is_dir() and not download:
+        raise _missing(
+            "STL-10",
+            [base],
+            "set data.root=<dir> (or SSL_LAB_DATA) holding stl10_binary/, or add data.download=true",
+        )
+
+    def split(name: str, limit: int | None, seed: int) -> ImageSet:
+        ds = torchvision.datasets.STL10(str(base), split=name, download=download)
+        labels = torch.from_numpy(ds.labels).long() if name != "unlabeled" else None
+        return _limited(ImageSet(images=torch.from_numpy(ds.data), labels=labels, image_size=96), limit, seed)
+
+    memory, test = split("train", None, 0), split("test", limit_test, 1)
+    unlabeled = split("unlabeled", None, 0)
+    train = _limited(
+        ImageSet(images=torch.cat([memory.images, unlabeled.images]), image_size=96), limit_train, 0
+    )
+    return DataSplits(train, memory, test, 10, mean, std)
+
+
+def imagefolder(
+    root: str,
+    image_size: int = 64,
+    labelled: bool = True,
+    in_memory: bool | str = "auto",
+    max_memory_gb: float = 8,
+    limit_train: int | None = None,
+    limit_test: int | None = None,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    num_workers: int = 2,
+    **_: object,
+) -> DataSplits:
+    """root/train + root/test (or root/val) of class folders; or any folder of images (no labels)."""
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise UserError(f"data.root={base} is not a directory; point data.root at a folder of images")
+    test_dir = next((base / d for d in ("test", "val") if (base / d).is_dir()), None)
+    train_dir = base / "train" if (base / "train").is_dir() else base
+    labelled = labelled and test_dir is not None
+    files, _, _ = find_images(train_dir, False)
+    if in_memory == "auto":
+        n = min(len(files), limit_train or len(files))
+        in_memory = n * 3 * image_size**2 <= max_memory_gb * 2**30
+    train, classes = folder_split(train_dir, image_size, labelled, limit_train, 0, in_memory, num_workers)
+    if not labelled:
+        return DataSplits(train, None, None, 0, mean, std)
+    test, _ = folder_split(test_dir, image_size, True, limit_test, 1, in_memory, num_workers)
+    return DataSplits(train, train, test, len(classes), mean, std)

@@ -1,0 +1,75 @@
+"""Optimizers (SGD, AdamW, timm's LARS) with batch-size lr scaling, and per-iteration schedules."""
+
+from __future__ import annotations
+
+import math
+
+import hydra.utils
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+
+from ssl_lab import UserError
+
+# Keys of conf/optimizer/*.yaml that ssl_lab consumes; the rest go to the optimizer class.
+OWN_KEYS = ("base_lr", "lr_scaling", "weight_decay", "exclude_bias_and_norm")
+
+
+def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
+    """`base_lr` is the rate for a batch of 256; scale it to the global batch size."""
+    if rule == "linear":
+        return base_lr * batch_size / 256
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch_size / 256)
+    raise UserError(f"optimizer.lr_scaling={rule!r} is not known; use linear or sqrt")
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int) -> torch.optim.Optimizer:
+    """Biases and normalisation parameters (every parameter with ndim <= 1) get no weight decay;
+    for LARS this also exempts them from the trust-ratio adaptation."""
+    lr = scaled_lr(cfg.base_lr, batch_size, cfg.lr_scaling)
+    if cfg.exclude_bias_and_norm:
+        params = param_groups_weight_decay(model, weight_decay=cfg.weight_decay)
+    else:
+        params = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}
+        ]
+    kwargs = OmegaConf.to_container(cfg, resolve=True)
+    optimizer_class = hydra.utils.get_class(kwargs.pop("_target_"))
+    for key in OWN_KEYS:
+        kwargs.pop(key)
+    return optimizer_class(params, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_epochs: float = 10,
+    min_lr_ratio: float = 0.0,
+) -> Scheduler:
+    """Linear warm-up from 0 to the peak lr, then cosine decay to min_lr_ratio * peak, per step."""
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(round(warmup_epochs * steps_per_epoch), total - 1)
+    peak = optimizer.param_groups[0]["lr"]
+    return CosineLRScheduler(
+        optimizer,
+        t_initial=total - warmup,
+        lr_min=min_lr_ratio * peak,
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+
+
+def constant(
+    optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0
+) -> Scheduler:
+    warmup = round(warmup_epochs * steps_per_epoch)
+    return StepLRScheduler(
+        optimizer, decay_t=10**12, decay_rate=1.0, warmup_t=warmup, warmup_lr_init=0.0, t_in_epochs=False
+    )

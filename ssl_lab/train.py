@@ -1,0 +1,393 @@
+"""The runner: compose -> instantiate -> fit -> evaluate -> log.
+
+    python -m ssl_lab.train method=nnclr backbone=resnet18 optimizer=lars batch_size=512
+
+`train(cfg)` does the work and is what tests call; `main` adds Hydra and turns user errors into
+one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ssl_lab import UserError, checkpoint, distributed
+from ssl_lab.config import check_config, register_resolvers
+from ssl_lab.data.augment import normalize
+from ssl_lab.data.datasets import DataSplits, ImageSet
+from ssl_lab.data.loader import batches, epoch_order
+from ssl_lab.knn import knn_predict, topk_accuracy
+from ssl_lab.loggers import RunLogger
+from ssl_lab.optim import build_optimizer
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+class TrainingDiverged(Exception):
+    """The loss became NaN or inf."""
+
+
+class Stop:
+    """SIGTERM, SIGUSR1 (SLURM's warning before the time limit) or a first Ctrl-C ask the loop to
+    checkpoint and stop at the next step boundary; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __enter__(self) -> Stop:
+        self.previous = {
+            s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        }
+        return self
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
+    """Pretrain as `cfg` says; returns the final kNN top-1 (None for unlabelled data)."""
+    check_config(cfg)
+    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    main_process = distributed.is_main()
+    device = pick_device(cfg.trainer.device)
+    autocast_dtype = PRECISIONS[str(cfg.trainer.precision)]
+    torch.manual_seed(cfg.seed)
+
+    data: DataSplits = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
+    batch_size = cfg.batch_size
+    if batch_size > len(data.train):
+        raise UserError(
+            f"batch_size={batch_size} is larger than the {len(data.train)} training images of data={cfg.data.name}; "
+            f"use batch_size<={len(data.train)}"
+        )
+    steps_per_epoch = len(data.train) // batch_size
+
+    model = instantiate(cfg.method, backbone=instantiate(cfg.backbone)).to(device)
+    augment = instantiate(cfg.augment).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optimizer, model, batch_size)
+    scheduler = instantiate(
+        cfg.scheduler, optimizer=optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    training_step = torch.compile(model.training_step) if cfg.trainer.compile else model.training_step
+
+    # ------------------------------------------------------------------ resume
+    epoch, batch_in_epoch, step, aug_state, run_id, knn_init = 0, 0, 0, None, None, None
+    if cfg.resume:
+        state = load_resume_state(run_dir, cfg)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        aug_state, run_id, knn_init = state["aug_rng"], state["wandb_id"], state["knn_init"]
+        if main_process:
+            print(f"Resuming {run_dir} at epoch {epoch}, step {step}", flush=True)
+            drop_metrics_after(run_dir, step)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if main_process:
+        write_run_info(run_dir, resolved, resumed=bool(cfg.resume))
+    logger = RunLogger(run_dir, cfg.logger, resolved, run_id, enabled=main_process)
+
+    def save(name: str) -> None:
+        if main_process:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "aug_rng": aug_state,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "step": step,
+                "config": resolved,
+                "wandb_id": logger.run_id,
+                "knn_init": knn_init,
+            }
+            checkpoint.save(state, run_dir / name)
+
+    def evaluate() -> float | None:
+        if data.memory is None:
+            return None
+        top1 = knn_top1(model, data, cfg, device, autocast_dtype)
+        logger.log({"val/knn_top1": top1, "epoch": epoch}, step=step)
+        return top1
+
+    # ------------------------------------------------------------------ fit
+    exit_code = 1
+    try:
+        if epoch == 0 and batch_in_epoch == 0:
+            knn_init = evaluate()
+            if knn_init is not None and main_process:
+                print(f"kNN top-1 at random init: {knn_init:.2f}%", flush=True)
+        metrics: dict[str, float] = {}
+        with Stop() as stop:
+            while epoch < cfg.epochs:
+                model.train()
+                aug_rng = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch + 7)
+                if aug_state is not None:  # mid-epoch resume: continue the augmentation stream
+                    aug_rng.set_state(aug_state)
+                order = epoch_order(len(data.train), cfg.seed, epoch)[batch_in_epoch * batch_size :]
+                loader = batches(
+                    data.train, order, batch_size, drop_last=True,
+                    num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda",
+                )  # fmt: skip
+                bar = tqdm(
+                    total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                    disable=not (main_process and cfg.trainer.progress), leave=False,
+                    mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True,
+                )  # fmt: skip
+                nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+                window_loss, window_steps, window_start = (
+                    torch.zeros((), device=device),
+                    0,
+                    time.perf_counter(),
+                )
+                for images, _ in loader:
+                    scheduler.step_update(step)
+                    images = images.to(device, non_blocking=True)
+                    views = [augment(images, generator=aug_rng) for _ in range(2)]
+                    if cfg.trainer.channels_last:
+                        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                    with torch.autocast(
+                        device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+                    ):
+                        loss = training_step(*views)["loss"]
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg.trainer.grad_clip:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    step, batch_in_epoch = step + 1, batch_in_epoch + 1
+                    loss = loss.detach()
+                    nonfinite |= ~torch.isfinite(loss)
+                    window_loss += loss
+                    window_steps += 1
+                    bar.update()
+                    if step % cfg.trainer.log_every == 0 or batch_in_epoch == steps_per_epoch:
+                        check_finite(nonfinite, epoch, step, run_dir)
+                        seconds = time.perf_counter() - window_start
+                        metrics = {
+                            "train/loss": (window_loss / window_steps).item(),
+                            "train/lr": optimizer.param_groups[0]["lr"],
+                            "train/img_per_s": window_steps * batch_size / seconds,
+                            "epoch": epoch,
+                        }
+                        logger.log(metrics, step=step)
+                        bar.set_postfix(
+                            loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.3g}",
+                            img_s=f"{metrics['train/img_per_s']:.0f}",
+                        )  # fmt: skip
+                        window_loss.zero_()
+                        window_steps, window_start = 0, time.perf_counter()
+                    if stop.signum is not None:
+                        break
+                bar.close()
+                if stop.signum is not None:
+                    check_finite(nonfinite, epoch, step, run_dir)
+                    aug_state = aug_rng.get_state()
+                    save("last.pt")
+                    name = signal.Signals(stop.signum).name
+                    print(
+                        f"Stopped by {name} at epoch {epoch}, step {step}; saved {run_dir / 'last.pt'}. "
+                        "Run the same command with resume=true to continue.",
+                        file=sys.stderr, flush=True,
+                    )  # fmt: skip
+                    exit_code = 128 + stop.signum
+                    return None
+                check_finite(nonfinite, epoch, step, run_dir)
+                epoch, batch_in_epoch, aug_state = epoch + 1, 0, None
+                top1 = None
+                if cfg.eval.every and epoch % cfg.eval.every == 0 and epoch < cfg.epochs:
+                    top1 = evaluate()
+                if main_process and metrics:
+                    summary = f"epoch {epoch}/{cfg.epochs}  loss {metrics['train/loss']:.4f}"
+                    summary += f"  lr {metrics['train/lr']:.4g}  {metrics['train/img_per_s']:.0f} img/s"
+                    summary += f"  kNN top-1 {top1:.2f}%" if top1 is not None else ""
+                    print(summary, flush=True)
+                if epoch % cfg.trainer.checkpoint_every == 0 or epoch == cfg.epochs:
+                    save("last.pt")
+
+        final = evaluate()
+        save("final.pt")
+        if main_process:
+            print(f"Run dir: {run_dir}", flush=True)
+            if final is not None:
+                gain = f" ({final - knn_init:+.2f} points)" if knn_init is not None else ""
+                print(f"kNN top-1: {final:.2f}% trained vs {knn_init:.2f}% at random init{gain}", flush=True)
+        exit_code = 0
+        return final
+    finally:
+        logger.finish(exit_code)
+        if exit_code > 128:
+            sys.exit(exit_code)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.device={name} but CUDA is not available here; use trainer.device=auto or cpu"
+        )
+    return device
+
+
+def check_finite(nonfinite: torch.Tensor, epoch: int, step: int, run_dir: Path) -> None:
+    if nonfinite.item():
+        last = run_dir / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"the loss became NaN/inf in epoch {epoch} (by step {step}); {kept}. "
+            "Lower optimizer.base_lr, add trainer.grad_clip=1.0, or use trainer.precision=32"
+        )
+
+
+@torch.no_grad()
+def features(
+    model: torch.nn.Module, images: ImageSet, data: DataSplits, cfg: DictConfig, device, dtype
+) -> torch.Tensor:
+    out = []
+    for batch, _ in batches(images, torch.arange(len(images)), cfg.eval.batch_size, drop_last=False,
+                            num_workers=cfg.trainer.num_workers):  # fmt: skip
+        x = normalize(batch.to(device, non_blocking=True), data.mean, data.std)
+        if cfg.trainer.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out.append(model(x).float())
+    return torch.cat(out)
+
+
+def knn_top1(model: torch.nn.Module, data: DataSplits, cfg: DictConfig, device, dtype) -> float:
+    """Weighted kNN top-1 (%) of the backbone's features: the labelled train split is the bank,
+    the test split the queries."""
+    was_training = model.training
+    model.eval()
+    bank = features(model, data.memory, data, cfg, device, dtype)
+    queries = features(model, data.test, data, cfg, device, dtype)
+    model.train(was_training)
+    scores = knn_predict(
+        queries, bank, data.memory.labels.to(device), data.num_classes, cfg.eval.k, cfg.eval.temperature
+    )
+    return topk_accuracy(scores, data.test.labels.to(device))[0]
+
+
+def load_resume_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    path = run_dir / "last.pt"
+    if not path.exists():
+        raise UserError(
+            f"resume={cfg.resume} but there is nothing to resume: no {path}. Run without resume to start "
+            "a new run, or pass resume=<run dir> of a run that wrote last.pt"
+        )
+    return checkpoint.load(path)
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """Rows logged after the checkpoint belong to work that is now redone: move them aside."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        (keep if json.loads(line)["step"] <= step else drop).append(line)
+    if drop:
+        with open(run_dir / "metrics.discarded.jsonl", "a") as f:
+            f.writelines(drop)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+
+
+def write_run_info(run_dir: Path, resolved: dict, resumed: bool) -> None:
+    """What a run needs to be repeated: the resolved config, the command, the code and its versions."""
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    info_path = run_dir / "run_info.json"
+    info = json.loads(info_path.read_text()) if resumed and info_path.exists() else {"starts": []}
+    info["starts"].append(
+        {
+            "time": datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, "-m", "ssl_lab.train", *sys.argv[1:]]),
+            "cwd": str(Path.cwd()),
+            "host": platform.node(),
+            "git": git_state(),
+            "versions": package_versions(),
+        }
+    )
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def git_state() -> dict[str, Any]:
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("ssl_lab", "torch", "torchvision", "timm", "hydra-core", "omegaconf", "wandb", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return versions
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        top1 = train(cfg)
+    except (UserError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+    return top1 if top1 is None or math.isfinite(top1) else None
+
+
+if __name__ == "__main__":
+    from ssl_lab.config import check_group_choices
+
+    check_group_choices(sys.argv[1:])
+    main()
