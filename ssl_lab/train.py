@@ -205,7 +205,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                         logger.log(metrics, step=step)
                         bar.set_postfix(
                             loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.3g}",
-                            img_s=f"{metrics['train/img_per_s']:.0f}",
+                            img_s=f"{metrics['train/img_per_s']:.0f}", refresh=False,
                         )  # fmt: skip
                         window_loss.zero_()
                         window_steps, window_start = 0, time.perf_counter()

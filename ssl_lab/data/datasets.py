@@ -157,10 +157,13 @@ def synthetic(
     seed: int = 0,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
+    limit_train: int | None = None,
+    limit_test: int | None = None,
     **_: object,
 ) -> DataSplits:
     from ssl_lab.data.synthetic import make_synthetic
 
+    num_train, num_test = min(num_train, limit_train or num_train), min(num_test, limit_test or num_test)
     x_train, y_train, x_test, y_test = make_synthetic(num_train, num_test, image_size, num_classes, seed)
     train = ImageSet(images=x_train, labels=y_train, image_size=image_size)
     test = ImageSet(images=x_test, labels=y_test, image_size=image_size)
