@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -83,7 +84,7 @@ def find_run_to_resume(outputs: Path, overrides: list[str]) -> Path | None:
     wanted = sorted(o for o in overrides if not o.startswith("resume="))
     runs = sorted(outputs.rglob("last.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
     for ckpt in runs:
-        saved = ckpt.parent / ".hydra" / "overrides.yaml"
+        saved = ckpt.parent / ".hydra" / "overrides.yaml"  # of the run's first start
         if saved.exists():
             previous = yaml.safe_load(saved.read_text()) or []
             if sorted(o for o in previous if not o.startswith("resume=")) == wanted:
@@ -101,6 +102,14 @@ def _run_dir(resume: object, default: str, *, _root_: DictConfig) -> str:
     return str(found) if found else default
 
 
+def _hydra_subdir(resume: object) -> str:
+    """A resumed run keeps the .hydra/ files of its first start; each resume gets its own folder."""
+    if resume in (False, None) or str(resume).lower() == "false":
+        return ".hydra"
+    return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ssl_lab_run_dir"):
         OmegaConf.register_new_resolver("ssl_lab_run_dir", _run_dir)
+        OmegaConf.register_new_resolver("ssl_lab_hydra_subdir", _hydra_subdir, use_cache=True)

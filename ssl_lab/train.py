@@ -101,7 +101,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         state = load_resume_state(run_dir, cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if state["config"]["epochs"] == cfg.epochs:
+            scheduler.load_state_dict(state["scheduler"])
+        elif main_process:  # the schedule is a function of (step, total steps): follow the new total
+            print(f"epochs changed from {state['config']['epochs']} to {cfg.epochs}: the lr schedule follows the new total")
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
@@ -333,7 +336,8 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
 
 def write_run_info(run_dir: Path, resolved: dict, resumed: bool) -> None:
     """What a run needs to be repeated: the resolved config, the command, the code and its versions."""
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    if not resumed:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     info_path = run_dir / "run_info.json"
     info = json.loads(info_path.read_text()) if resumed and info_path.exists() else {"starts": []}
     info["starts"].append(

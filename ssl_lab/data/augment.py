@@ -1,0 +1,245 @@
+"""Batched augmentation on the training device, with per-sample random parameters.
+
+Images arrive as uint8 [B,3,H,W] (one copy to the device, a quarter of float32's bytes). Every random
+draw happens in `sample_params`, from the caller's generator, so runs are reproducible and a resumed
+run continues the same stream; `apply` is deterministic given the parameters and matches
+torchvision's functional ops (tests compare them):
+
+- random resized crop: torchvision's sampling (area fraction in `crop_scale`, log-uniform aspect
+  ratio, 10 tries, then a centre crop with the ratio clamped), bilinear resize of the crop;
+- horizontal flip; colour jitter with probability `jitter_p`: brightness, contrast, saturation and
+  hue factors as torchvision's ColorJitter draws them, applied in a random order per sample (as
+  torchvision does per image; samples sharing an order are processed together);
+- grayscale (ITU-R 601 luma, as torchvision); Gaussian blur with sigma uniform in `blur_sigma` and a kernel of
+  `blur_kernel_frac` of the image size (odd); then normalisation.
+
+Own code rather than kornia: benchmarks/augment.py measures both in one run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+ORDERS = torch.tensor(list(itertools.permutations(range(4))))  # jitter op orders: 24 x 4
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+CROP_TRIES = 10
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator | None, device) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=g, device=device)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """[B,3,H,W] -> [B,1,H,W]"""
+    return LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x), f)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by `shift` (fraction of a turn) in HSV space, as torchvision does."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
+    # back to RGB
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    v = maxc
+    p = (v * (1.0 - s)).clamp_(0.0, 1.0)
+    q = (v * (1.0 - s * f)).clamp_(0.0, 1.0)
+    t = (v * (1.0 - s * (1.0 - f))).clamp_(0.0, 1.0)
+    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(-1, 1, 1)  # [B,6,H,W]
+    a1 = torch.stack((v, q, p, p, t, v), dim=1)
+    a2 = torch.stack((t, v, v, q, p, p), dim=1)
+    a3 = torch.stack((p, p, t, v, v, q), dim=1)
+    a4 = torch.stack((a1, a2, a3), dim=1)  # [B,3,6,H,W]
+    return torch.einsum("bijk,bxijk->bxjk", mask.to(x.dtype), a4)
+
+
+JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable blur with one sigma per sample and reflect padding (torchvision's gaussian_blur)."""
+    b, c, h, w = x.shape
+    half = (kernel_size - 1) * 0.5
+    pos = torch.linspace(-half, half, kernel_size, device=x.device)
+    kernel = torch.exp(-0.5 * (pos[None] / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [B*C, k]
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)
+    y = F.conv2d(y, kernel[:, None, :, None], groups=b * c)
+    return y.view(b, c, h, w)
+
+
+def resized_crop(x: torch.Tensor, box: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop box (top, left, height, width) of each sample, resized to size x size with bilinear
+    interpolation, sampling exactly where F.interpolate(align_corners=False) samples the crop;
+    `flip` mirrors the result horizontally."""
+    b, _, h, w = x.shape
+    top, left, ch, cw = box.to(x.dtype).unbind(1)
+    o = torch.arange(size, device=x.device, dtype=x.dtype) + 0.5
+    ys = top[:, None] + (o[None] * ch[:, None] / size - 0.5).clamp(min=0)
+    xs = left[:, None] + (o[None] * cw[:, None] / size - 0.5).clamp(min=0)
+    ys = torch.minimum(ys, (top + ch - 1)[:, None])
+    xs = torch.minimum(xs, (left + cw - 1)[:, None])
+    if flip is not None:
+        xs = torch.where(flip[:, None], xs.flip(1), xs)
+    grid_y = (ys + 0.5) / h * 2 - 1
+    grid_x = (xs + 0.5) / w * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def normalize(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], size: int | None = None
+) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> normalised float32 (resized to `size` if given): the eval transform."""
+    x = images.float().div_(255)
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean_t = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+class Augment(torch.nn.Module):
+    """One random view per call: `view = augment(uint8_batch, generator)`."""
+
+    def __init__(
+        self,
+        size: int,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
+        jitter_p: float = 0.8,
+        gray_p: float = 0.2,
+        blur_p: float = 0.0,
+        blur_kernel_frac: float = 0.1,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        self.size = size
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+        self.flip_p, self.jitter, self.jitter_p, self.gray_p = flip_p, tuple(jitter), jitter_p, gray_p
+        self.blur_p, self.blur_sigma = blur_p, tuple(blur_sigma)
+        kernel = int(blur_kernel_frac * size)
+        self.blur_kernel = max(3, kernel + 1 - kernel % 2)  # odd, as the SimCLR paper's 10 %
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def sample_params(
+        self, batch_size: int, height: int, width: int, generator: torch.Generator | None = None, device=None
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample parameters: every tensor has the batch as its first dimension."""
+        n, g = batch_size, generator
+        device = device if device is not None else (generator.device if generator is not None else "cpu")
+        params = {"crop": self._sample_crops(n, height, width, g, device)}
+        params["flip"] = torch.rand(n, generator=g, device=device) < self.flip_p
+        b, c, s, h = self.jitter
+        params["jitter"] = torch.rand(n, generator=g, device=device) < self.jitter_p
+        params["factors"] = torch.stack(
+            [
+                _uniform(n, max(0.0, 1 - b), 1 + b, g, device),
+                _uniform(n, max(0.0, 1 - c), 1 + c, g, device),
+                _uniform(n, max(0.0, 1 - s), 1 + s, g, device),
+                _uniform(n, -h, h, g, device),
+            ],
+            dim=1,
+        )
+        params["order"] = torch.randint(len(ORDERS), (n,), generator=g, device=device)
+        params["gray"] = torch.rand(n, generator=g, device=device) < self.gray_p
+        params["blur"] = torch.rand(n, generator=g, device=device) < self.blur_p
+        params["sigma"] = _uniform(n, *self.blur_sigma, g, device)
+        return params
+
+    def _sample_crops(self, n: int, height: int, width: int, g, device) -> torch.Tensor:
+        """[n, 4] boxes (top, left, height, width), torchvision's RandomResizedCrop.get_params."""
+        area = height * width
+        target = area * _uniform(n * CROP_TRIES, *self.crop_scale, g, device).view(n, CROP_TRIES)
+        log_ratio = _uniform(n * CROP_TRIES, math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]), g, device)
+        aspect = log_ratio.view(n, CROP_TRIES).exp()
+        w = torch.sqrt(target * aspect).round()
+        h = torch.sqrt(target / aspect).round()
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.float().argmax(dim=1)  # the first valid try
+        w = w.gather(1, first[:, None])[:, 0]
+        h = h.gather(1, first[:, None])[:, 0]
+        found = ok.any(dim=1)
+        # fallback: the whole image, cropped to the nearest allowed aspect ratio, centred
+        in_ratio = width / height
+        if in_ratio < self.crop_ratio[0]:
+            fw, fh = width, round(width / self.crop_ratio[0])
+        elif in_ratio > self.crop_ratio[1]:
+            fw, fh = round(height * self.crop_ratio[1]), height
+        else:
+            fw, fh = width, height
+        w = torch.where(found, w, torch.full_like(w, fw))
+        h = torch.where(found, h, torch.full_like(h, fh))
+        u = torch.rand(n, 2, generator=g, device=device)
+        top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), torch.full_like(h, (height - fh) // 2))
+        left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), torch.full_like(w, (width - fw) // 2))
+        return torch.stack([top, left, h, w], dim=1)
+
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = resized_crop(images.float().div_(255), params["crop"], self.size, params["flip"])
+        jitter = params["jitter"]
+        if jitter.any():
+            order = torch.where(jitter, params["order"], -1)
+            for o in order.unique().tolist():
+                if o < 0:
+                    continue
+                idx = (order == o).nonzero()[:, 0]
+                sub, factors = x[idx], params["factors"][idx]
+                for op in ORDERS[o].tolist():
+                    sub = JITTER_OPS[op](sub, factors[:, op])
+                x[idx] = sub
+        gray = params["gray"]
+        if gray.any():
+            x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+        blur = params["blur"]
+        if blur.any():
+            idx = blur.nonzero()[:, 0]
+            x[idx] = gaussian_blur(x[idx], self.blur_kernel, params["sigma"][idx])
+        mean = torch.as_tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        b, _, h, w = images.shape
+        return self.apply(images, self.sample_params(b, h, w, generator, device=images.device))

@@ -1,0 +1,101 @@
+"""Every config composes, and every option of every group instantiates and runs a step."""
+
+import itertools
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from conftest import CONF, compose_cfg
+
+from ssl_lab.config import check_config
+from ssl_lab.optim import build_optimizer
+
+GROUPS = ("method", "backbone", "augment", "optimizer", "scheduler", "data", "trainer", "logger")
+OPTIONS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in GROUPS}
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_groups_are_populated() -> None:
+    assert {"simclr", "nnclr"} <= set(OPTIONS["method"])
+    assert {"resnet18", "resnet50", "timm"} <= set(OPTIONS["backbone"])
+    assert {"simclr_cifar", "simclr_imagenet", "light"} <= set(OPTIONS["augment"])
+    assert {"sgd", "adam", "lars"} <= set(OPTIONS["optimizer"])
+    assert {"warmup_cosine", "constant"} <= set(OPTIONS["scheduler"])
+    assert {"synthetic", "cifar10", "cifar100", "stl10", "imagefolder"} <= set(OPTIONS["data"])
+    assert {"cifar10_simclr", "cifar10_nnclr"} <= set(EXPERIMENTS)
+
+
+def test_every_combination_composes() -> None:
+    names = ["method", "backbone", "augment", "optimizer", "scheduler", "data"]
+    combos = list(itertools.product(*(OPTIONS[g] for g in names)))
+    for combo in combos:
+        overrides = [f"{g}={o}" for g, o in zip(names, combo)]
+        cfg = compose_cfg([*overrides, "data.root=/data"] if "data=imagefolder" in overrides else overrides)
+        check_config(cfg)
+        assert cfg.method.name == combo[0]
+    assert len(combos) >= 2 * 3 * 3 * 3 * 2 * 5
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("debug", [None, "smoke"])
+def test_experiments_compose(experiment: str, debug: str | None) -> None:
+    cfg = compose_cfg([f"experiment={experiment}"] + ([f"debug={debug}"] if debug else []))
+    check_config(cfg)
+    assert cfg.data.name == "cifar10" and cfg.batch_size == 512
+
+
+@pytest.mark.parametrize("method", OPTIONS["method"])
+@pytest.mark.parametrize("backbone", OPTIONS["backbone"])
+def test_method_and_backbone_instantiate_and_step(method: str, backbone: str) -> None:
+    small_queue = ["method.queue_size=256"] if method == "nnclr" else []
+    cfg = compose_cfg([f"method={method}", f"backbone={backbone}", *small_queue])
+    model = hydra.utils.instantiate(cfg.method, backbone=hydra.utils.instantiate(cfg.backbone))
+    size = cfg.data.image_size
+    x = torch.randn(4, 3, size, size)
+    assert model(x).shape == (4, model.num_features)
+    loss = model.training_step(x, x.flip(-1))["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("optimizer", OPTIONS["optimizer"])
+@pytest.mark.parametrize("scheduler", OPTIONS["scheduler"])
+def test_optimizer_and_scheduler_instantiate(optimizer: str, scheduler: str) -> None:
+    cfg = compose_cfg([f"optimizer={optimizer}", f"scheduler={scheduler}"])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = build_optimizer(cfg.optimizer, model, cfg.batch_size)
+    sched = hydra.utils.instantiate(cfg.scheduler, optimizer=opt, steps_per_epoch=10, epochs=cfg.epochs)
+    sched.step_update(5)
+
+
+@pytest.mark.parametrize("augment", OPTIONS["augment"])
+def test_augment_instantiates(augment: str) -> None:
+    cfg = compose_cfg([f"augment={augment}"])
+    aug = hydra.utils.instantiate(cfg.augment)
+    out = aug(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+
+
+def test_timm_vit_gets_the_image_size() -> None:
+    cfg = compose_cfg(["backbone=timm", "backbone.name=vit_tiny_patch16_224"])
+    vit = hydra.utils.instantiate(cfg.backbone)
+    assert vit(torch.randn(2, 3, 32, 32)).shape == (2, vit.num_features)
+
+
+def test_cifar_stem_follows_image_size() -> None:
+    small = hydra.utils.instantiate(compose_cfg(["backbone=resnet18"]).backbone)
+    large = hydra.utils.instantiate(compose_cfg(["backbone=resnet18", "data=stl10"]).backbone)
+    assert small.conv1.kernel_size == (3, 3) and isinstance(small.maxpool, torch.nn.Identity)
+    assert large.conv1.kernel_size == (7, 7)
+
+
+def test_conf_mirrors_code() -> None:
+    """conf/<group>/<option>.yaml builds something from ssl_lab/<group>... (or a library)."""
+    for group in ("method", "backbone", "optimizer", "scheduler", "augment", "data"):
+        for path in (CONF / group).glob("*.yaml"):
+            extra = ["data.root=/d"] if path.stem == "imagefolder" else []
+            target = compose_cfg([f"{group}={path.stem}", *extra])[group]["_target_"]
+            assert callable(hydra.utils.get_object(target)), target
+            assert target.split(".")[0] in ("ssl_lab", "torch", "timm"), (path, target)
+    assert Path(CONF / "experiment").resolve() == (CONF.parent / "experiments").resolve()

@@ -1,0 +1,79 @@
+"""Data sets: the built-in synthetic set, folders of images, CIFAR subsets, batch order."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ssl_lab import UserError
+from ssl_lab.data.datasets import cifar, imagefolder, synthetic
+from ssl_lab.data.loader import batches, epoch_order
+
+CIFAR_ROOT = Path(os.environ.get("SSL_LAB_DATA", "~/.cache/ssl_lab")).expanduser() / "cifar10-jpeg"
+
+
+def test_synthetic_is_deterministic_uint8_and_labelled() -> None:
+    a, b = synthetic(num_train=300, num_test=100, seed=3), synthetic(num_train=300, num_test=100, seed=3)
+    assert a.train.images.dtype == torch.uint8 and a.train.images.shape == (300, 3, 32, 32)
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    assert not torch.equal(a.train.images, synthetic(num_train=300, num_test=100, seed=4).train.images)
+    assert set(a.train.labels.tolist()) == set(range(10)) and a.num_classes == 10
+    assert a.memory is a.train
+    # colour images, not grey ones
+    assert (a.train.images[:, 0].float() - a.train.images[:, 1].float()).abs().mean() > 5
+
+
+def make_folder(root: Path, classes=("cat", "dog"), per_class=6, size=(40, 30)) -> None:
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", size, (100 * c, 10 * i, 50)).save(root / split / name / f"{i}.png")
+
+
+def test_imagefolder_labels_resize_and_memory_modes(tmp_path: Path) -> None:
+    make_folder(tmp_path)
+    held = imagefolder(str(tmp_path), image_size=16, in_memory=True, num_workers=0)
+    lazy = imagefolder(str(tmp_path), image_size=16, in_memory=False, num_workers=0)
+    assert held.num_classes == 2 and held.train.images.shape == (12, 3, 16, 16)
+    assert held.train.labels.tolist() == [0] * 6 + [1] * 6
+    assert lazy.train.images is None and len(lazy.train.files) == 12
+    order = torch.arange(12)
+    (x_held, y_held), *_ = batches(held.train, order, 12, drop_last=False)
+    (x_lazy, y_lazy), *_ = batches(lazy.train, order, 12, drop_last=False, num_workers=0)
+    assert torch.equal(x_held, x_lazy) and torch.equal(y_held, y_lazy)
+
+
+def test_unlabelled_folder_has_no_knn(tmp_path: Path) -> None:
+    for i in range(5):
+        Image.new("RGB", (20, 20)).save(tmp_path / f"{i}.jpg")
+    data = imagefolder(str(tmp_path), image_size=8, num_workers=0)
+    assert data.memory is None and data.test is None and len(data.train) == 5
+
+
+def test_missing_cifar_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=rf"no cifar10 found \(looked in {tmp_path}.*data.download=true"):
+        cifar("cifar10", str(tmp_path))
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only() -> None:
+    assert torch.equal(epoch_order(100, 0, 3), epoch_order(100, 0, 3))
+    assert not torch.equal(epoch_order(100, 0, 3), epoch_order(100, 0, 4))
+    assert sorted(epoch_order(100, 1, 0).tolist()) == list(range(100))
+
+
+def test_drop_last() -> None:
+    data = synthetic(num_train=50, num_test=10)
+    sizes = [len(x) for x, _ in batches(data.train, torch.arange(50), 16, drop_last=True)]
+    assert sizes == [16, 16, 16]
+
+
+@pytest.mark.skipif(not CIFAR_ROOT.is_dir() and not os.environ.get("CI"), reason="CIFAR-10 JPEG tree not extracted")
+def test_cifar10_jpeg_tree_subset() -> None:
+    data = cifar("cifar10", str(CIFAR_ROOT.parent), limit_train=500, limit_test=200, num_workers=2)
+    assert data.train.images.shape == (500, 3, 32, 32) and data.test.images.shape == (200, 3, 32, 32)
+    assert data.num_classes == 10 and data.train.labels.max() == 9
+    again = cifar("cifar10", str(CIFAR_ROOT.parent), limit_train=500, limit_test=200, num_workers=2)
+    assert torch.equal(data.train.images, again.train.images)

@@ -1,0 +1,77 @@
+"""Every bad input: one line on stderr naming the problem and the fix, exit status 2, nothing lost."""
+
+from pathlib import Path
+
+import pytest
+from conftest import FAST, run_cli
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["method=byol"], ["unknown method 'byol'", "nnclr, simclr"]),
+        (["optimizer=lamb"], ["unknown optimizer 'lamb'", "adam, lars, sgd"]),
+        (["batch_size=abc"], ["batch_size='abc'", "should be int", "batch_size=256"]),
+        (["epochs=1.5"], ["epochs=1.5", "should be int"]),
+        (["optimizer.base_lr=fast"], ["optimizer.base_lr='fast'", "should be int or float"]),
+        (["trainer.precision=fp8"], ["trainer.precision=fp8", "32, bf16, 16"]),
+        (["backbone=timm", "backbone.name=resnet_does_not_exist"], ["timm has no model", "resnet_does_not_exist"]),
+        (["batch_size=100000"], ["batch_size=100000 is larger than the", "training images"]),
+        (["resume=true"], ["nothing to resume", "last.pt"]),
+        (["resume=no/such/run"], ["nothing to resume", "no/such/run"]),
+        (["data=cifar10", "data.root=/nonexistent/data"], ["no cifar10 found", "/nonexistent/data", "data.download=true"]),
+        (["data=imagefolder"], ["data.root", "missing"]),
+        (["trainer.devise=cpu"], ["trainer.devise"]),
+    ],
+)
+def test_bad_input(args: list[str], fragments: list[str], workdir: Path) -> None:
+    assert_one_line_error(run_cli(*args, *FAST[:1], cwd=workdir), *fragments)
+
+
+def test_empty_data_dir(workdir: Path) -> None:
+    (workdir / "empty" / "train").mkdir(parents=True)
+    (workdir / "empty" / "test").mkdir()
+    result = run_cli("data=imagefolder", f"data.root={workdir / 'empty'}", *FAST, cwd=workdir)
+    assert_one_line_error(result, "no images", str(workdir / "empty"))
+
+
+def test_unreadable_image(workdir: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            folder = workdir / "imgs" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(40):
+                Image.new("RGB", (40, 30), (i * 5, 0, 0)).save(folder / f"{i}.png")
+    (workdir / "imgs" / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    result = run_cli("data=imagefolder", f"data.root={workdir / 'imgs'}", "data.image_size=32", *FAST, cwd=workdir)
+    assert_one_line_error(result, "cannot read image", "broken.jpg")
+
+
+def test_bad_input_keeps_existing_run(workdir: Path) -> None:
+    """A failing resume must not touch the run it points at."""
+    first = run_cli(*FAST, "epochs=1", "hydra.run.dir=run", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    before = snapshot(workdir / "run")
+    result = run_cli(*FAST, "epochs=1", "resume=run", "batch_size=100000", cwd=workdir)
+    assert_one_line_error(result, "batch_size=100000")
+    assert snapshot(workdir / "run") == before
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run, except the .hydra/resume-* record each resume attempt adds."""
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in run_dir.rglob("*")
+        if p.is_file() and "resume-" not in str(p.relative_to(run_dir))
+    }

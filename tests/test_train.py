@@ -1,0 +1,160 @@
+"""The runner end to end: training, run-dir contents, resume after SIGTERM and kill -9, NaN, W&B."""
+
+import importlib.metadata
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, compose_cfg, run_cli
+
+from ssl_lab import checkpoint
+from ssl_lab.loggers import read_metrics
+from ssl_lab.train import TrainingDiverged, train
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
+
+
+@pytest.mark.parametrize("method", ["simclr", "nnclr"])
+def test_train_in_process(method: str, tmp_path: Path) -> None:
+    cfg = compose_cfg([*FAST, f"method={method}"])
+    top1 = train(cfg, run_dir=tmp_path)
+    assert top1 is not None and 0 <= top1 <= 100
+    rows = read_metrics(tmp_path)
+    assert rows[0]["step"] == 0 and "val/knn_top1" in rows[0]  # the random-init monitor
+    names = set().union(*rows)
+    assert {"train/loss", "train/lr", "train/img_per_s", "val/knn_top1"} <= names
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    for name in ("last.pt", "final.pt", "config.yaml", "run_info.json"):
+        assert (tmp_path / name).exists(), name
+    state = checkpoint.load(tmp_path / "final.pt")
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config", "wandb_id"} <= set(state)
+    assert state["epoch"] == cfg.epochs and state["config"]["method"]["name"] == method
+    info = json.loads((tmp_path / "run_info.json").read_text())["starts"][0]
+    assert info["versions"]["torch"] == importlib.metadata.version("torch")
+    assert "ssl_lab.train" in info["command"] and "commit" in info["git"]
+
+
+def test_same_seed_same_losses_different_seed_differs(tmp_path: Path) -> None:
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(compose_cfg([*FAST, "epochs=1", f"seed={seed}", "trainer.log_every=1"]), run_dir=tmp_path / name)
+        runs[name] = losses(tmp_path / name)
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+def test_loss_nan_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssl_lab.methods.simclr import SimCLR
+
+    real_step = SimCLR.training_step
+    calls = {"n": 0}
+
+    def poisoned(self, view0, view1):
+        calls["n"] += 1
+        out = real_step(self, view0, view1)
+        if calls["n"] > 10:  # epoch 2 of 8 steps each
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SimCLR, "training_step", poisoned)
+    with pytest.raises(TrainingDiverged, match="NaN/inf.*last good checkpoint"):
+        train(compose_cfg([*FAST, "epochs=3"]), run_dir=tmp_path)
+    state = checkpoint.load(tmp_path / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "final.pt").exists()
+
+
+def test_cli_run_dir_and_cfg_job(workdir: Path) -> None:
+    result = run_cli(*FAST, "epochs=1", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (workdir / "outputs").glob("simclr-synthetic/*")
+    assert {"config.yaml", "run_info.json", "metrics.jsonl", "last.pt", "final.pt", ".hydra"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    assert "kNN top-1:" in result.stdout and "at random init" in result.stdout
+    shown = run_cli("method=nnclr", "optimizer=lars", "--cfg", "job", cwd=workdir)
+    assert shown.returncode == 0 and "nnclr" in shown.stdout and "timm.optim.Lars" in shown.stdout
+    helped = run_cli("--help", cwd=workdir)
+    assert helped.returncode == 0 and "method: nnclr, simclr" in helped.stdout
+
+
+def wait_for(path: Path, predicate, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and predicate(path):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(path)
+
+
+def steps_logged(n: int):
+    return lambda p: any(f'"step": {n},' in line for line in p.read_text().splitlines())
+
+
+@pytest.mark.parametrize("how", ["sigterm", "kill9"])
+def test_interrupt_and_resume_equals_uninterrupted(how: str, workdir: Path) -> None:
+    args = [*FAST, "epochs=3", "trainer.log_every=1", "trainer.progress=false"]
+    reference = run_cli(*args, "hydra.run.dir=reference", cwd=workdir)
+    assert reference.returncode == 0, reference.stderr
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssl_lab.train", *args],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        if how == "sigterm":  # mid-epoch: the handler saves at the next step boundary
+            wait_for_glob(workdir, "outputs/*/*/metrics.jsonl", steps_logged(11))
+            proc.send_signal(signal.SIGTERM)
+        else:  # after the epoch-1 checkpoint, in the middle of epoch 2
+            wait_for_glob(workdir, "outputs/*/*/last.pt", lambda p: True)
+            wait_for_glob(workdir, "outputs/*/*/metrics.jsonl", steps_logged(12))
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    if how == "sigterm":
+        assert proc.returncode == 128 + signal.SIGTERM and "resume=true" in err, err
+    (interrupted,) = (workdir / "outputs").glob("*/*/last.pt")
+    assert checkpoint.load(interrupted)["epoch"] < 3
+
+    resumed = run_cli(*args, "resume=true", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming {interrupted.parent.resolve()} at epoch" in resumed.stdout
+    assert losses(interrupted.parent) == losses(workdir / "reference")
+    ours, ref = (checkpoint.load(d / "final.pt")["model"] for d in (interrupted.parent, workdir / "reference"))
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0)
+
+
+def wait_for_glob(root: Path, pattern: str, predicate, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in root.glob(pattern):
+            if "reference" not in str(path) and predicate(path):
+                return
+        time.sleep(0.1)
+    raise TimeoutError(pattern)
+
+
+def test_wandb_offline_run_is_continued_on_resume(workdir: Path) -> None:
+    args = [*FAST, "logger=wandb", "epochs=1", "hydra.run.dir=run"]
+    first = run_cli(*args, cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    run_id = checkpoint.load(workdir / "run" / "final.pt")["wandb_id"]
+    offline = list((workdir / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline, list((workdir / "run").rglob("*"))
+    second = run_cli(*[a for a in args if a != "epochs=1"], "epochs=2", "resume=run", cwd=workdir)
+    assert second.returncode == 0, second.stderr
+    assert checkpoint.load(workdir / "run" / "final.pt")["wandb_id"] == run_id
