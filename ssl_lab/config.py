@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -66,16 +67,39 @@ def check_config(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value} is not one of {', '.join(allowed)}")
 
 
-def check_group_choices(overrides: list[str]) -> None:
-    """`method=foo` with no conf/method/foo.yaml: say which options exist, in one line."""
-    for override in overrides:
+def check_command_line(args: list[str]) -> None:
+    """Compose the config once before Hydra runs, so that a typo in an override ends with one line
+    and exit status 2 instead of Hydra's report. Sweeps (-m) and Hydra's own flags are left to Hydra."""
+    if any(a.startswith("-") for a in args):
+        return
+    for override in args:  # `method=foo`: say which options exist
         key, sep, value = override.lstrip("+~").partition("=")
-        if not sep or "." in key or key.startswith("hydra") or "," in value or "(" in value:
-            continue
         group = CONF_DIR / key
-        if group.is_dir() and value not in ("null", "") and not (group / f"{value}.yaml").exists():
+        known = sep and "." not in key and group.is_dir()
+        if known and value not in ("null", "") and not (group / f"{value}.yaml").exists():
             options = sorted(p.stem for p in group.glob("*.yaml"))
-            raise SystemExit(f"error: unknown {key} {value!r}; choose one of: {', '.join(options)}")
+            _fail(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose("train", overrides=[a for a in args if not a.startswith("hydra.")])
+    except Exception as e:  # Hydra's and OmegaConf's errors about the overrides themselves
+        _fail(one_line(str(e)))
+
+
+def one_line(message: str) -> str:
+    skip = ("full_key", "object_type", "reference_type", "Set the environment variable", "Config search path")
+    lines = [
+        line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(skip)
+    ]
+    return " ".join(lines)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def find_run_to_resume(outputs: Path, overrides: list[str]) -> Path | None:

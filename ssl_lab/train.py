@@ -23,12 +23,14 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from tqdm import tqdm
 
 from ssl_lab import UserError, checkpoint, distributed
-from ssl_lab.config import check_config, register_resolvers
+from ssl_lab.config import check_command_line, check_config, one_line, register_resolvers
 from ssl_lab.data.augment import normalize
 from ssl_lab.data.datasets import DataSplits, ImageSet
 from ssl_lab.data.loader import batches, epoch_order
@@ -104,7 +106,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         if state["config"]["epochs"] == cfg.epochs:
             scheduler.load_state_dict(state["scheduler"])
         elif main_process:  # the schedule is a function of (step, total steps): follow the new total
-            print(f"epochs changed from {state['config']['epochs']} to {cfg.epochs}: the lr schedule follows the new total")
+            print(
+                f"epochs changed from {state['config']['epochs']} to {cfg.epochs}: the lr schedule follows the new total"
+            )
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         epoch, batch_in_epoch, step = state["epoch"], state["batch_in_epoch"], state["step"]
@@ -384,14 +388,23 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     try:
         top1 = train(cfg)
-    except (UserError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, UserError) else 1)
+    except (UserError, TrainingDiverged, InstantiationException, OmegaConfBaseException) as e:
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
     return top1 if top1 is None or math.isfinite(top1) else None
 
 
-if __name__ == "__main__":
-    from ssl_lab.config import check_group_choices
+def user_message(e: BaseException) -> str:
+    """One line for the user; a UserError raised while Hydra instantiates arrives wrapped."""
+    if isinstance(e, InstantiationException) and isinstance(e.__cause__, UserError):
+        e = e.__cause__
+    if isinstance(e, MissingMandatoryValue):
+        return f"{e.full_key} is missing: add {e.full_key}=<value> to the command line"
+    if isinstance(e, UserError | TrainingDiverged):
+        return str(e)
+    return one_line(str(e))
 
-    check_group_choices(sys.argv[1:])
+
+if __name__ == "__main__":
+    check_command_line(sys.argv[1:])
     main()

@@ -18,7 +18,9 @@ def compose_cfg(overrides: list[str]) -> DictConfig:
         return compose("train", overrides=overrides, return_hydra_config=False)
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """`python -m ssl_lab.train ARGS` in a subprocess, as the README shows it."""
     return subprocess.run(
         [sys.executable, "-m", "ssl_lab.train", *args],

@@ -105,14 +105,18 @@ def unnormalized(aug: Augment, image: torch.Tensor, params) -> torch.Tensor:
 @pytest.mark.parametrize("flip", [False, True])
 def test_resized_crop_and_flip_equal_torchvision(image, box, flip) -> None:
     aug = Augment(size=32)
-    ours = unnormalized(aug, image, one({}, crop=torch.tensor([box], dtype=torch.float), flip=torch.tensor([flip])))
+    ours = unnormalized(
+        aug, image, one({}, crop=torch.tensor([box], dtype=torch.float), flip=torch.tensor([flip]))
+    )
     ref = TF.resized_crop(image.float() / 255, *box, size=[32, 32], antialias=False)
     if flip:
         ref = TF.horizontal_flip(ref)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("op,factor", [(0, 1.3), (0, 0.6), (1, 1.4), (1, 0.7), (2, 1.35), (2, 0.6), (3, 0.08), (3, -0.1)])
+@pytest.mark.parametrize(
+    "op,factor", [(0, 1.3), (0, 0.6), (1, 1.4), (1, 0.7), (2, 1.35), (2, 0.6), (3, 0.08), (3, -0.1)]
+)
 def test_each_jitter_op_equals_torchvision(image, op, factor) -> None:
     aug = Augment(size=32)
     factors = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
@@ -130,7 +134,11 @@ def test_jitter_order_grayscale_and_blur_equal_torchvision(image) -> None:
     order = 17
     factors = torch.tensor([[1.2, 0.8, 1.3, 0.05]])
     params = one(
-        {}, jitter=torch.tensor([True]), factors=factors, order=torch.tensor([order]), blur=torch.tensor([True])
+        {},
+        jitter=torch.tensor([True]),
+        factors=factors,
+        order=torch.tensor([order]),
+        blur=torch.tensor([True]),
     )
     params["sigma"] = torch.tensor([1.3])
     ours = unnormalized(aug, image, params)
@@ -142,7 +150,9 @@ def test_jitter_order_grayscale_and_blur_equal_torchvision(image) -> None:
     torch.testing.assert_close(ours, ref, atol=2e-5, rtol=0)
 
     gray = unnormalized(aug, image, one({}, gray=torch.tensor([True])))
-    torch.testing.assert_close(gray, TF.rgb_to_grayscale(image.float() / 255, num_output_channels=3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        gray, TF.rgb_to_grayscale(image.float() / 255, num_output_channels=3), atol=1e-5, rtol=0
+    )
 
 
 def test_samples_get_their_own_parameters_and_seed_reproduces() -> None:

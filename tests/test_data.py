@@ -70,7 +70,9 @@ def test_drop_last() -> None:
     assert sizes == [16, 16, 16]
 
 
-@pytest.mark.skipif(not CIFAR_ROOT.is_dir() and not os.environ.get("CI"), reason="CIFAR-10 JPEG tree not extracted")
+@pytest.mark.skipif(
+    not CIFAR_ROOT.is_dir() and not os.environ.get("CI"), reason="CIFAR-10 JPEG tree not extracted"
+)
 def test_cifar10_jpeg_tree_subset() -> None:
     data = cifar("cifar10", str(CIFAR_ROOT.parent), limit_train=500, limit_test=200, num_workers=2)
     assert data.train.images.shape == (500, 3, 32, 32) and data.test.images.shape == (200, 3, 32, 32)

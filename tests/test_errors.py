@@ -1,9 +1,12 @@
 """Every bad input: one line on stderr naming the problem and the fix, exit status 2, nothing lost."""
 
+import re
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, run_cli
+import torch
+from conftest import FAST, compose_cfg, run_cli
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -19,22 +22,54 @@ def assert_one_line_error(result, *fragments: str) -> None:
     "args,fragments",
     [
         (["method=byol"], ["unknown method 'byol'", "nnclr, simclr"]),
-        (["optimizer=lamb"], ["unknown optimizer 'lamb'", "adam, lars, sgd"]),
         (["batch_size=abc"], ["batch_size='abc'", "should be int", "batch_size=256"]),
-        (["epochs=1.5"], ["epochs=1.5", "should be int"]),
-        (["optimizer.base_lr=fast"], ["optimizer.base_lr='fast'", "should be int or float"]),
-        (["trainer.precision=fp8"], ["trainer.precision=fp8", "32, bf16, 16"]),
-        (["backbone=timm", "backbone.name=resnet_does_not_exist"], ["timm has no model", "resnet_does_not_exist"]),
-        (["batch_size=100000"], ["batch_size=100000 is larger than the", "training images"]),
+        (["trainer.devise=cpu"], ["trainer.devise"]),
         (["resume=true"], ["nothing to resume", "last.pt"]),
         (["resume=no/such/run"], ["nothing to resume", "no/such/run"]),
-        (["data=cifar10", "data.root=/nonexistent/data"], ["no cifar10 found", "/nonexistent/data", "data.download=true"]),
-        (["data=imagefolder"], ["data.root", "missing"]),
-        (["trainer.devise=cpu"], ["trainer.devise"]),
+        (
+            ["data=cifar10", "data.root=/nonexistent/data"],
+            ["no cifar10 found", "/nonexistent/data", "data.download=true"],
+        ),
+        (["data=imagefolder"], ["data.root is missing", "data.root=<value>"]),
     ],
 )
-def test_bad_input(args: list[str], fragments: list[str], workdir: Path) -> None:
-    assert_one_line_error(run_cli(*args, *FAST[:1], cwd=workdir), *fragments)
+def test_bad_input_on_the_command_line(args: list[str], fragments: list[str], workdir: Path) -> None:
+    assert_one_line_error(run_cli(*args, *FAST, cwd=workdir), *fragments)
+
+
+@pytest.mark.parametrize(
+    "args,pattern",
+    [
+        (["optimizer=lamb"], "unknown optimizer 'lamb'; choose one of: adam, lars, sgd"),
+        (["epochs=1.5"], r"epochs=1.5 should be int \(got float\)"),
+        (["optimizer.base_lr=fast"], "optimizer.base_lr='fast' should be int or float"),
+        (["trainer.precision=fp8"], "trainer.precision=fp8 is not one of 32, bf16, 16"),
+        (
+            ["backbone=timm", "backbone.name=resnet_does_not_exist"],
+            "timm has no model named 'resnet_does_not_exist'",
+        ),
+        (["batch_size=100000"], "batch_size=100000 is larger than the 256 training images of data=synthetic"),
+        (["trainer.device=cuda:0"], "CUDA is not available" if not torch.cuda.is_available() else "^$"),
+    ],
+)
+def test_bad_input_in_process(args: list[str], pattern: str, tmp_path: Path, capsys) -> None:
+    """The same checks, without a process start each: the exit path is covered above."""
+    from ssl_lab.config import check_command_line
+    from ssl_lab.train import train, user_message
+
+    if pattern == "^$":
+        pytest.skip("CUDA present")
+    with pytest.raises(SystemExit) as exit_info:
+        check_command_line([*FAST, *args])
+        try:
+            train(compose_cfg([*FAST, *args]), run_dir=tmp_path)
+        except Exception as e:
+            print(f"error: {user_message(e)}", file=sys.stderr)
+            sys.exit(2)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(pattern, err), err
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_empty_data_dir(workdir: Path) -> None:
@@ -54,7 +89,9 @@ def test_unreadable_image(workdir: Path) -> None:
             for i in range(40):
                 Image.new("RGB", (40, 30), (i * 5, 0, 0)).save(folder / f"{i}.png")
     (workdir / "imgs" / "train" / "a" / "broken.jpg").write_bytes(b"not a jpeg")
-    result = run_cli("data=imagefolder", f"data.root={workdir / 'imgs'}", "data.image_size=32", *FAST, cwd=workdir)
+    result = run_cli(
+        "data=imagefolder", f"data.root={workdir / 'imgs'}", "data.image_size=32", *FAST, cwd=workdir
+    )
     assert_one_line_error(result, "cannot read image", "broken.jpg")
 
 

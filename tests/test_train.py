@@ -35,7 +35,9 @@ def test_train_in_process(method: str, tmp_path: Path) -> None:
     for name in ("last.pt", "final.pt", "config.yaml", "run_info.json"):
         assert (tmp_path / name).exists(), name
     state = checkpoint.load(tmp_path / "final.pt")
-    assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config", "wandb_id"} <= set(state)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config", "wandb_id"} <= set(
+        state
+    )
     assert state["epoch"] == cfg.epochs and state["config"]["method"]["name"] == method
     info = json.loads((tmp_path / "run_info.json").read_text())["starts"][0]
     assert info["versions"]["torch"] == importlib.metadata.version("torch")
@@ -45,13 +47,17 @@ def test_train_in_process(method: str, tmp_path: Path) -> None:
 def test_same_seed_same_losses_different_seed_differs(tmp_path: Path) -> None:
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train(compose_cfg([*FAST, "epochs=1", f"seed={seed}", "trainer.log_every=1"]), run_dir=tmp_path / name)
+        train(
+            compose_cfg([*FAST, "epochs=1", f"seed={seed}", "trainer.log_every=1"]), run_dir=tmp_path / name
+        )
         runs[name] = losses(tmp_path / name)
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
 
 
-def test_loss_nan_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_loss_nan_stops_and_keeps_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ssl_lab.methods.simclr import SimCLR
 
     real_step = SimCLR.training_step
@@ -133,7 +139,9 @@ def test_interrupt_and_resume_equals_uninterrupted(how: str, workdir: Path) -> N
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming {interrupted.parent.resolve()} at epoch" in resumed.stdout
     assert losses(interrupted.parent) == losses(workdir / "reference")
-    ours, ref = (checkpoint.load(d / "final.pt")["model"] for d in (interrupted.parent, workdir / "reference"))
+    ours, ref = (
+        checkpoint.load(d / "final.pt")["model"] for d in (interrupted.parent, workdir / "reference")
+    )
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0)
 

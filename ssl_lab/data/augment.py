@@ -105,7 +105,9 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> tor
     return y.view(b, c, h, w)
 
 
-def resized_crop(x: torch.Tensor, box: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+def resized_crop(
+    x: torch.Tensor, box: torch.Tensor, size: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
     """Crop box (top, left, height, width) of each sample, resized to size x size with bilinear
     interpolation, sampling exactly where F.interpolate(align_corners=False) samples the crop;
     `flip` mirrors the result horizontally."""
@@ -192,7 +194,9 @@ class Augment(torch.nn.Module):
         """[n, 4] boxes (top, left, height, width), torchvision's RandomResizedCrop.get_params."""
         area = height * width
         target = area * _uniform(n * CROP_TRIES, *self.crop_scale, g, device).view(n, CROP_TRIES)
-        log_ratio = _uniform(n * CROP_TRIES, math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]), g, device)
+        log_ratio = _uniform(
+            n * CROP_TRIES, math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]), g, device
+        )
         aspect = log_ratio.view(n, CROP_TRIES).exp()
         w = torch.sqrt(target * aspect).round()
         h = torch.sqrt(target / aspect).round()

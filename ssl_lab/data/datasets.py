@@ -120,6 +120,10 @@ def find_images(folder: Path, labelled: bool) -> tuple[list[Path], torch.Tensor 
     """Image files under `folder`; with `labelled`, the first sub-folder names are the classes
     (sorted, as torchvision's ImageFolder)."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise UserError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}; point data.root at a folder of images"
+        )
     if not labelled:
         return files, None, []
     classes = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
@@ -138,8 +142,6 @@ def folder_split(
     folder: Path, size: int, labelled: bool, limit: int | None, seed: int, in_memory: bool, workers: int
 ) -> tuple[ImageSet, list[str]]:
     files, labels, classes = find_images(folder, labelled)
-    if not files:
-        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder}")
     split = _limited(ImageSet(files=files, labels=labels, image_size=size), limit, seed)
     if in_memory:
         split = ImageSet(images=decode_all(split.files, size, workers), labels=split.labels, image_size=size)

@@ -1,0 +1,81 @@
+"""The README's commands, run the way a user runs them."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+
+from ssl_lab.loggers import read_metrics
+
+CIFAR = Path(os.environ.get("SSL_LAB_DATA", "~/.cache/ssl_lab")).expanduser()
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Two commands.*?```bash\n(.*?)```", text, re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_second() -> None:
+    main, tests = readme_commands()
+    assert main.endswith("python -m ssl_lab.train") and tests.endswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci.splitlines()
+
+
+@pytest.mark.slow
+def test_main_command_learns(workdir: Path) -> None:
+    """The quickstart, exactly as the README runs it (install step aside): trained kNN must beat the
+    same backbone at random init by at least 10 points."""
+    main = readme_commands()[0].split("&&")[-1].split()
+    assert main[:3] == ["python", "-m", "ssl_lab.train"]
+    result = run_cli(*main[3:], cwd=workdir, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = re.search(r"kNN top-1: ([\d.]+)% trained vs ([\d.]+)% at random init", result.stdout)
+    assert found, result.stdout[-2000:]
+    trained, random_init = map(float, found.groups())
+    assert trained >= random_init + 10, (trained, random_init)
+    (run_dir,) = (workdir / "outputs").glob("simclr-synthetic/*")
+    knn = [r["val/knn_top1"] for r in read_metrics(run_dir) if "val/knn_top1" in r]
+    assert knn[0] == random_init and knn[-1] == trained
+    assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (CIFAR / "cifar10-jpeg" / "test").is_dir() and not os.environ.get("CI"),
+    reason="CIFAR-10 JPEG tree not extracted (see README: Real data)",
+)
+def test_pretrain_on_cifar10_subset(workdir: Path) -> None:
+    """Real data: a short SimCLR run on 5,000 CIFAR-10 training images, kNN on 1,000 test images."""
+    result = run_cli(
+        "data=cifar10",
+        f"data.root={CIFAR}",
+        "data.limit_train=5000",
+        "data.limit_test=1000",
+        "epochs=2",
+        "logger=none",
+        "eval.every=1",
+        cwd=workdir,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (workdir / "outputs").glob("simclr-cifar10/*")
+    rows = read_metrics(run_dir)
+    knn = [r["val/knn_top1"] for r in rows if "val/knn_top1" in r]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(knn) == 3 and all(10 < k < 100 for k in knn)  # above chance from the start
+    assert losses[-1] < losses[0]
+    assert knn[-1] > knn[0], knn  # learning on real images shows within two epochs
+
+
+def test_ruff_clean() -> None:
+    for args in (["check", "."], ["format", "--check", "."]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
