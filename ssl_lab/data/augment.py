@@ -9,7 +9,7 @@ torchvision's functional ops (tests compare them):
   ratio, 10 tries, then a centre crop with the ratio clamped), bilinear resize of the crop;
 - horizontal flip; colour jitter with probability `jitter_p`: brightness, contrast, saturation and
   hue factors as torchvision's ColorJitter draws them, applied in a random order per sample (as
-  torchvision does per image; samples sharing an order are processed together);
+  torchvision does per image);
 - grayscale (ITU-R 601 luma, as torchvision); Gaussian blur with sigma uniform in `blur_sigma` and a kernel of
   `blur_kernel_frac` of the image size (odd); then normalisation.
 
@@ -72,20 +72,13 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
     h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
     h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
-    # back to RGB
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    v = maxc
-    p = (v * (1.0 - s)).clamp_(0.0, 1.0)
-    q = (v * (1.0 - s * f)).clamp_(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - f))).clamp_(0.0, 1.0)
-    mask = i.unsqueeze(1) == torch.arange(6, device=i.device).view(-1, 1, 1)  # [B,6,H,W]
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    a4 = torch.stack((a1, a2, a3), dim=1)  # [B,3,6,H,W]
-    return torch.einsum("bijk,bxijk->bxjk", mask.to(x.dtype), a4)
+    # back to RGB, closed form: channel n is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
+    v, vs = maxc, maxc * s
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(n + h * 6.0, 6.0)
+        channels.append(v - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(channels, dim=1)
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
@@ -224,15 +217,17 @@ class Augment(torch.nn.Module):
         x = resized_crop(images.float().div_(255), params["crop"], self.size, params["flip"])
         jitter = params["jitter"]
         if jitter.any():
-            order = torch.where(jitter, params["order"], -1)
-            for o in order.unique().tolist():
-                if o < 0:
-                    continue
-                idx = (order == o).nonzero()[:, 0]
-                sub, factors = x[idx], params["factors"][idx]
-                for op in ORDERS[o].tolist():
-                    sub = JITTER_OPS[op](sub, factors[:, op])
-                x[idx] = sub
+            # Each sample has its own order of the four ops: at each of the four slots, every op is
+            # applied once to the samples whose order puts it there (16 batched calls in all).
+            idx = jitter.nonzero()[:, 0]
+            sub, factors = x[idx], params["factors"][idx]
+            slots = ORDERS.to(x.device)[params["order"][idx]]  # [n, 4]
+            for slot in range(4):
+                for op, fn in enumerate(JITTER_OPS):
+                    here = (slots[:, slot] == op).nonzero()[:, 0]
+                    if len(here):
+                        sub[here] = fn(sub[here], factors[here, op])
+            x[idx] = sub
         gray = params["gray"]
         if gray.any():
             x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
