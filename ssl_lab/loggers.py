@@ -38,6 +38,9 @@ class RunLogger:
                 resume="allow",
             )
             self.run_id = self.wandb_run.id
+            # Our step is the x-axis: a resumed run re-logs steps after its checkpoint, which W&B's
+            # own monotonic step would drop.
+            self.wandb_run.define_metric("*", step_metric="trainer/step")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -46,7 +49,7 @@ class RunLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+            self.wandb_run.log({**metrics, "trainer/step": step})
 
     def finish(self, exit_code: int = 0) -> None:
         if self.wandb_run is not None:

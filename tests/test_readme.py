@@ -41,7 +41,7 @@ def test_main_command_learns(workdir: Path) -> None:
     assert trained >= random_init + 10, (trained, random_init)
     (run_dir,) = (workdir / "outputs").glob("simclr-synthetic/*")
     knn = [r["val/knn_top1"] for r in read_metrics(run_dir) if "val/knn_top1" in r]
-    assert knn[0] == random_init and knn[-1] == trained
+    assert knn[0] == pytest.approx(random_init, abs=0.01) and knn[-1] == pytest.approx(trained, abs=0.01)
     assert list((run_dir / "wandb").glob("offline-run-*")), "W&B offline run missing"
 
 

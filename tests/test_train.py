@@ -79,6 +79,7 @@ def test_loss_nan_stops_and_keeps_last_good_checkpoint(
     assert not (tmp_path / "final.pt").exists()
 
 
+@pytest.mark.slow
 def test_cli_run_dir_and_cfg_job(workdir: Path) -> None:
     result = run_cli(*FAST, "epochs=1", cwd=workdir)
     assert result.returncode == 0, result.stderr
@@ -106,6 +107,7 @@ def steps_logged(n: int):
     return lambda p: any(f'"step": {n},' in line for line in p.read_text().splitlines())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
 def test_interrupt_and_resume_equals_uninterrupted(how: str, workdir: Path) -> None:
     args = [*FAST, "epochs=3", "trainer.log_every=1", "trainer.progress=false"]
@@ -156,6 +158,7 @@ def wait_for_glob(root: Path, pattern: str, predicate, timeout: float = 120) -> 
     raise TimeoutError(pattern)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_continued_on_resume(workdir: Path) -> None:
     args = [*FAST, "logger=wandb", "epochs=1", "hydra.run.dir=run"]
     first = run_cli(*args, cwd=workdir)
