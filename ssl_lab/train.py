@@ -101,8 +101,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     epoch, batch_in_epoch, step, aug_state, run_id, knn_init = 0, 0, 0, None, None, None
     if cfg.resume:
         state = load_resume_state(run_dir, cfg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise UserError(
+                f"{run_dir / 'last.pt'} holds a different model or optimizer than this config builds "
+                f"({one_line(str(e))[:120]}...); resume with the run's own overrides"
+            ) from None
         if state["config"]["epochs"] == cfg.epochs:
             scheduler.load_state_dict(state["scheduler"])
         elif main_process:  # the schedule is a function of (step, total steps): follow the new total

@@ -105,6 +105,17 @@ def test_bad_input_keeps_existing_run(workdir: Path) -> None:
     assert snapshot(workdir / "run") == before
 
 
+def test_resume_with_another_model_is_refused(tmp_path: Path, capsys) -> None:
+    from ssl_lab import UserError
+    from ssl_lab.train import train
+
+    train(compose_cfg([*FAST, "epochs=1"]), run_dir=tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(UserError, match="holds a different model"):
+        train(compose_cfg([*FAST, "epochs=1", "method=nnclr", "resume=true"]), run_dir=tmp_path)
+    assert snapshot(tmp_path) == before
+
+
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     """Every file of a run, except the .hydra/resume-* record each resume attempt adds."""
     return {

@@ -44,6 +44,21 @@ def test_train_in_process(method: str, tmp_path: Path) -> None:
     assert "ssl_lab.train" in info["command"] and "commit" in info["git"]
 
 
+@pytest.mark.parametrize(
+    "switches",
+    [
+        ["trainer.precision=bf16", "trainer.channels_last=true"],
+        ["trainer.precision=16", "trainer.grad_clip=1.0"],
+        ["method=nnclr", "optimizer=lars", "scheduler=constant", "augment=simclr_imagenet"],
+        pytest.param(["trainer.compile=true"], marks=pytest.mark.slow),
+    ],
+)
+def test_trainer_switches_train(switches: list[str], tmp_path: Path) -> None:
+    top1 = train(compose_cfg([*FAST, "epochs=1", *switches]), run_dir=tmp_path)
+    assert top1 is not None
+    assert all(math.isfinite(loss) for _, loss in losses(tmp_path))
+
+
 def test_same_seed_same_losses_different_seed_differs(tmp_path: Path) -> None:
     runs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
