@@ -109,15 +109,6 @@ def test_cli_run_dir_and_cfg_job(workdir: Path) -> None:
     assert helped.returncode == 0 and "method: nnclr, simclr" in helped.stdout
 
 
-def wait_for(path: Path, predicate, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if path.exists() and predicate(path):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(path)
-
-
 def steps_logged(n: int):
     return lambda p: any(f'"step": {n},' in line for line in p.read_text().splitlines())
 
