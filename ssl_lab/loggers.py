@@ -15,7 +15,7 @@ class RunLogger:
     """The same metric names everywhere: train/loss, train/lr, train/img_per_s, val/knn_top1."""
 
     def __init__(
-        self, run_dir: Path, cfg: DictConfig, config: dict, run_id: str | None, enabled: bool
+        self, run_dir: Path, cfg: DictConfig, config: dict, run_id: str | None, enabled: bool, name: str = ""
     ) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
@@ -30,7 +30,7 @@ class RunLogger:
                 entity=cfg.entity,
                 group=cfg.group,
                 tags=list(cfg.tags),
-                name=run_dir.name,
+                name=f"{name}-{run_dir.name}" if name else run_dir.name,
                 config=config,
                 dir=str(run_dir),
                 mode=cfg.mode,

@@ -126,7 +126,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if main_process:
         write_run_info(run_dir, resolved, resumed=bool(cfg.resume))
-    logger = RunLogger(run_dir, cfg.logger, resolved, run_id, enabled=main_process)
+    logger = RunLogger(run_dir, cfg.logger, resolved, run_id, enabled=main_process, name=cfg.name)
 
     def save(name: str) -> None:
         if main_process:
