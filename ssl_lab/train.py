@@ -178,11 +178,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                     mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True,
                 )  # fmt: skip
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-                window_loss, window_steps, window_start = (
-                    torch.zeros((), device=device),
-                    0,
-                    time.perf_counter(),
-                )
+                window_loss = torch.zeros((), device=device)  # summed on the device: no sync per step
+                window_steps, window_start = 0, time.perf_counter()
                 for images, _ in loader:
                     scheduler.step_update(step)
                     images = images.to(device, non_blocking=True)
@@ -254,9 +251,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         save("final.pt")
         if main_process:
             print(f"Run dir: {run_dir}", flush=True)
-            if final is not None:
-                gain = f" ({final - knn_init:+.2f} points)" if knn_init is not None else ""
-                print(f"kNN top-1: {final:.2f}% trained vs {knn_init:.2f}% at random init{gain}", flush=True)
+            if final is not None and knn_init is not None:
+                print(
+                    f"kNN top-1: {final:.2f}% trained vs {knn_init:.2f}% at random init "
+                    f"({final - knn_init:+.2f} points)",
+                    flush=True,
+                )
         exit_code = 0
         return final
     finally:
@@ -335,7 +335,11 @@ def drop_metrics_after(run_dir: Path, step: int) -> None:
         return
     keep, drop = [], []
     for line in path.read_text().splitlines(keepends=True):
-        (keep if json.loads(line)["step"] <= step else drop).append(line)
+        try:
+            kept = json.loads(line)["step"] <= step
+        except (json.JSONDecodeError, KeyError):  # a line cut short by kill -9
+            kept = False
+        (keep if kept else drop).append(line if line.endswith("\n") else line + "\n")
     if drop:
         with open(run_dir / "metrics.discarded.jsonl", "a") as f:
             f.writelines(drop)
