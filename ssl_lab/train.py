@@ -45,6 +45,14 @@ class TrainingDiverged(Exception):
     """The loss became NaN or inf."""
 
 
+class Interrupted(Exception):
+    """The run was asked to stop by a signal, after saving last.pt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class Stop:
     """SIGTERM, SIGUSR1 (SLURM's warning before the time limit) or a first Ctrl-C ask the loop to
     checkpoint and stop at the next step boundary; a second Ctrl-C stops at once."""
@@ -233,7 +241,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                         file=sys.stderr, flush=True,
                     )  # fmt: skip
                     exit_code = 128 + stop.signum
-                    return None
+                    raise Interrupted(stop.signum)
                 check_finite(nonfinite, epoch, step, run_dir)
                 epoch, batch_in_epoch, aug_state = epoch + 1, 0, None
                 top1 = None
@@ -261,8 +269,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         return final
     finally:
         logger.finish(exit_code)
-        if exit_code > 128:
-            sys.exit(exit_code)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -398,6 +404,8 @@ register_resolvers()
 def main(cfg: DictConfig) -> float | None:
     try:
         top1 = train(cfg)
+    except Interrupted as e:
+        sys.exit(128 + e.signum)
     except (UserError, TrainingDiverged, InstantiationException, OmegaConfBaseException) as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
