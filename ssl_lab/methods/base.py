@@ -30,7 +30,10 @@ class Method(nn.Module):
         self.backbone = backbone
         self.num_features: int = backbone.num_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, view1: torch.Tensor | None = None):
+        """Backbone features of x; with a second view, the training step (the call DDP wraps)."""
+        if view1 is not None:
+            return self.training_step(x, view1)
         return self.backbone(x)
 
     def embed_views(

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssl_lab import distributed
 from ssl_lab.methods.base import Method, mlp
 from ssl_lab.methods.simclr import nt_xent
 
@@ -45,10 +46,11 @@ class NNCLR(Method):
         proj_hidden_dim: int = 2048,
         proj_output_dim: int = 256,
         pred_hidden_dim: int = 4096,
+        gather_distributed: bool = True,
         name: str = "nnclr",
     ) -> None:
         super().__init__(backbone)
-        self.temperature = temperature
+        self.temperature, self.gather = temperature, gather_distributed
         self.projector = mlp(
             [self.num_features, proj_hidden_dim, proj_hidden_dim, proj_output_dim], last_bn=True
         )
@@ -61,6 +63,9 @@ class NNCLR(Method):
         z0, z1 = z0.float(), z1.float()
         # Both neighbours come from the support set as it was before this batch is added.
         nn0, nn1 = self.support.nearest(z0), self.support.nearest(z1)
-        loss = 0.5 * (nt_xent(nn0, p1, self.temperature) + nt_xent(nn1, p0, self.temperature))
-        self.support.push(z1)  # after both look-ups, as in lightly's NNCLR example
+        t, g = self.temperature, self.gather
+        loss = 0.5 * (nt_xent(nn0, p1, t, g) + nt_xent(nn1, p0, t, g))
+        # After both look-ups, as in lightly's NNCLR example; every process adds every process's
+        # embeddings, so all see the same support set whatever their number.
+        self.support.push(distributed.gather(z1))
         return {"loss": loss}

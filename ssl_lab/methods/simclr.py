@@ -6,18 +6,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssl_lab import distributed
 from ssl_lab.methods.base import Method, mlp
 
 
-def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float) -> torch.Tensor:
+def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float, gather: bool = False) -> torch.Tensor:
     """Normalised temperature-scaled cross entropy. Row i of z0 and row i of z1 are positives;
-    every other of the 2N embeddings is a negative (the same loss as lightly's NTXentLoss)."""
-    z = F.normalize(torch.cat([z0, z1]), dim=1)
+    every other of the 2N embeddings is a negative (the same loss as lightly's NTXentLoss).
+
+    With `gather`, the negatives come from every process: embeddings are gathered with their
+    gradients, and each local row's positive sits at its rank's offset in the gathered batch."""
+    z0, z1 = F.normalize(z0, dim=1), F.normalize(z1, dim=1)
     n = z0.shape[0]
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))  # a view is not its own negative
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
-    return F.cross_entropy(logits, targets)
+    all0, all1 = (distributed.gather_with_grad(z0), distributed.gather_with_grad(z1)) if gather else (z0, z1)
+    total = all0.shape[0]
+    rows = torch.arange(n, device=z0.device) + (distributed.rank() * n if gather else 0)
+    logits = torch.cat([z0, z1]) @ torch.cat([all0, all1]).T / temperature  # [2n, 2N]
+    own = torch.cat([rows, rows + total])  # a view is not its own negative
+    logits[torch.arange(2 * n, device=z0.device), own] = float("-inf")
+    return F.cross_entropy(logits, torch.cat([rows + total, rows]))
 
 
 class SimCLR(Method):
@@ -29,13 +36,14 @@ class SimCLR(Method):
         temperature: float = 0.5,
         proj_hidden_dim: int | None = None,
         proj_output_dim: int = 128,
+        gather_distributed: bool = True,
         name: str = "simclr",
     ) -> None:
         super().__init__(backbone)
-        self.temperature = temperature
+        self.temperature, self.gather = temperature, gather_distributed
         hidden = proj_hidden_dim or self.num_features
         self.projector = mlp([self.num_features, hidden, proj_output_dim])
 
     def training_step(self, view0: torch.Tensor, view1: torch.Tensor) -> dict[str, torch.Tensor]:
         z0, z1 = self.embed_views(view0, view1, self.projector)
-        return {"loss": nt_xent(z0.float(), z1.float(), self.temperature)}
+        return {"loss": nt_xent(z0.float(), z1.float(), self.temperature, self.gather)}
