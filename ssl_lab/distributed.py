@@ -8,10 +8,15 @@ rank and world, and `init()` joins the group: NCCL on GPUs, gloo on CPU.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+
+# torch.distributed.nn.functional is deprecated in favour of the functional collectives, whose
+# autograd support is private API in torch 2.14; these collectives are public and correct.
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional", category=FutureWarning)
 
 
 def rank() -> int:
@@ -62,6 +67,53 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the whole global batch on any device and backend (torch's SyncBatchNorm is
+    GPU-only; this one also runs on gloo/CPU, so CPU runs on N processes match one process).
+
+    Per-channel sums, sums of squares and counts are all-reduced with their gradients, so every
+    process normalises with the statistics of the global batch and gets its share of the gradient."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        count = torch.full((1,), x.numel() / channels, device=x.device, dtype=x.dtype)
+        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        n = stats[-1]
+        mean = stats[:channels] / n
+        var = (stats[channels : 2 * channels] / n - mean**2).clamp(min=0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1 / (self.num_batches_tracked.item() + 1)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
+                self.num_batches_tracked.add_(1)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    @classmethod
+    def convert(cls, module: torch.nn.Module) -> torch.nn.Module:
+        """A copy of `module` with every BatchNorm{1,2,3}d replaced, parameters and buffers kept."""
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            sync = cls(
+                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            )
+            sync.load_state_dict(module.state_dict())
+            return sync.to(next(module.buffers(), torch.empty(0)).device)
+        for name, child in module.named_children():
+            module.add_module(name, cls.convert(child))
+        return module
 
 
 def broadcast_object(obj: object) -> object:

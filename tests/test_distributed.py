@@ -58,3 +58,49 @@ def test_without_gather_each_process_sees_only_its_own_negatives() -> None:
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def _sync_bn(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> None:
+    from ssl_lab.distributed import SyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    net = SyncBatchNorm.convert(bn_net())
+    net.load_state_dict(state)
+    n = x.shape[0] // WORLD
+    local = x[rank * n : (rank + 1) * n].clone().requires_grad_()
+    y = net(local)
+    (y * loss_weights((n * WORLD, *y.shape[1:]))[rank * n : (rank + 1) * n]).sum().backward()
+    out[rank] = (y.detach(), local.grad, net[1].weight.grad, net[1].running_mean, net[1].running_var)
+    dist.destroy_process_group()
+
+
+def loss_weights(global_shape: tuple[int, ...]) -> torch.Tensor:
+    """Fixed weights over the global batch, so that the loss is not symmetric in the samples."""
+    return torch.arange(torch.Size(global_shape).numel()).view(global_shape).float().sin()
+
+
+def bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+
+
+def test_sync_batchnorm_on_gloo_equals_one_process_on_the_global_batch() -> None:
+    net = bn_net()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(8, 3, 6, 6) * 3 + 1
+    full = x.clone().requires_grad_()
+    y = net(full)
+    (y * loss_weights(y.shape)).sum().backward()
+
+    out = mp.Manager().dict()
+    mp.spawn(_sync_bn, args=(free_port(), x, state, out), nprocs=WORLD, join=True)
+    n = 8 // WORLD
+    for r in range(WORLD):
+        y_r, grad_x, grad_w, running_mean, running_var = out[r]
+        torch.testing.assert_close(y_r, y.detach()[r * n : (r + 1) * n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grad_x, full.grad[r * n : (r + 1) * n], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(running_mean, net[1].running_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(running_var, net[1].running_var, atol=1e-5, rtol=1e-5)
+    # each process holds its part of the weight gradient; DDP's all-reduce sums/averages them
+    summed = sum(out[r][2] for r in range(WORLD))
+    torch.testing.assert_close(summed, net[1].weight.grad, atol=1e-4, rtol=1e-4)
