@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -117,6 +119,8 @@ def find_run_to_resume(outputs: Path, overrides: list[str]) -> Path | None:
 
 
 def _run_dir(resume: object, default: str, *, _root_: DictConfig) -> str:
+    if int(os.environ.get("RANK", 0)) > 0:  # only rank 0 makes the run dir; it tells the others
+        return str(Path(tempfile.gettempdir()) / f"ssl_lab-rank{os.environ['RANK']}-{os.getpid()}")
     if resume in (False, None) or str(resume).lower() == "false":
         return default
     if resume is not True and str(resume).lower() != "true":
@@ -126,8 +130,11 @@ def _run_dir(resume: object, default: str, *, _root_: DictConfig) -> str:
     return str(found) if found else default
 
 
-def _hydra_subdir(resume: object) -> str:
-    """A resumed run keeps the .hydra/ files of its first start; each resume gets its own folder."""
+def _hydra_subdir(resume: object) -> str | None:
+    """A resumed run keeps the .hydra/ files of its first start; each resume gets its own folder.
+    Processes other than rank 0 write none (Hydra issue #2070: each rank its own output dir)."""
+    if int(os.environ.get("RANK", 0)) > 0:
+        return None
     if resume in (False, None) or str(resume).lower() == "false":
         return ".hydra"
     return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}"

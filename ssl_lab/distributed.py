@@ -116,6 +116,24 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         return module
 
 
+def mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` over processes (for logging: each process's loss is over its own rows)."""
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+def any_rank(flag: bool | torch.Tensor, device: torch.device | str = "cpu") -> bool:
+    """True on every process if it is true on any: ranks stop (signal, NaN) at the same step."""
+    value = torch.as_tensor(flag, dtype=torch.int32, device=device).reshape(())
+    if world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def broadcast_object(obj: object) -> object:
     """Rank 0's `obj` on every rank."""
     if world_size() == 1:

@@ -78,10 +78,20 @@ class Stop:
 def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     """Pretrain as `cfg` says; returns the final kNN top-1 (None for unlabelled data)."""
     check_config(cfg)
-    run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    main_process = distributed.is_main()
     device = pick_device(cfg.trainer.device)
+    distributed.init(device.type)
+    rank, world = distributed.rank(), distributed.world_size()
+    main_process = rank == 0
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", distributed.local_rank())
+    if cfg.batch_size % world:
+        raise UserError(
+            f"batch_size={cfg.batch_size} (global) does not divide over {world} processes; "
+            f"use a multiple of {world}"
+        )
+    run_dir = Path(distributed.broadcast_object(str(run_dir or HydraConfig.get().runtime.output_dir)))
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
     autocast_dtype = PRECISIONS[str(cfg.trainer.precision)]
     torch.manual_seed(cfg.seed)
 
@@ -94,7 +104,11 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         )
     steps_per_epoch = len(data.train) // batch_size
 
-    model = instantiate(cfg.method, backbone=instantiate(cfg.backbone)).to(device)
+    model = instantiate(cfg.method, backbone=instantiate(cfg.backbone))
+    if world > 1 and cfg.trainer.sync_batchnorm:  # batch norm over the global batch, as on one process
+        convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm if device.type == "cuda" else None
+        model = convert(model) if convert else distributed.SyncBatchNorm.convert(model)
+    model = model.to(device)
     augment = instantiate(cfg.augment).to(device)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -103,7 +117,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         cfg.scheduler, optimizer=optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs
     )
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
-    training_step = torch.compile(model.training_step) if cfg.trainer.compile else model.training_step
+    # Under DDP the step goes through the wrapper (Method.forward(view0, view1)), which syncs gradients.
+    training_step = model.training_step
+    if world > 1:
+        training_step = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
+    if cfg.trainer.compile:
+        training_step = torch.compile(training_step)
 
     # ------------------------------------------------------------------ resume
     epoch, batch_in_epoch, step, aug_state, run_id, knn_init = 0, 0, 0, None, None, None
@@ -155,10 +176,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
             checkpoint.save(state, run_dir / name)
 
     def evaluate() -> float | None:
+        """kNN top-1 on rank 0 (the others wait): computed once, not once per process."""
         if data.memory is None:
             return None
-        top1 = knn_top1(model, data, cfg, device, autocast_dtype)
-        logger.log({"val/knn_top1": top1, "epoch": epoch}, step=step)
+        top1 = None
+        if main_process:
+            top1 = knn_top1(model, data, cfg, device, autocast_dtype)
+            logger.log({"val/knn_top1": top1, "epoch": epoch}, step=step)
+        distributed.barrier()
         return top1
 
     # ------------------------------------------------------------------ fit
@@ -177,8 +202,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                     aug_rng.set_state(aug_state)
                 order = epoch_order(len(data.train), cfg.seed, epoch)[batch_in_epoch * batch_size :]
                 loader = batches(
-                    data.train, order, batch_size, drop_last=True,
-                    num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda",
+                    data.train, order, batch_size, drop_last=True, num_workers=cfg.trainer.num_workers,
+                    pin_memory=device.type == "cuda", rank=rank, world_size=world,
                 )  # fmt: skip
                 bar = tqdm(
                     total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -191,7 +216,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                 for images, _ in loader:
                     scheduler.step_update(step)
                     images = images.to(device, non_blocking=True)
-                    views = [augment(images, generator=aug_rng) for _ in range(2)]
+                    views = [
+                        two_views_part(augment, images, batch_size, aug_rng, rank, world) for _ in range(2)
+                    ]
                     if cfg.trainer.channels_last:
                         views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                     with torch.autocast(
@@ -215,7 +242,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                         check_finite(nonfinite, epoch, step, run_dir)
                         seconds = time.perf_counter() - window_start
                         metrics = {
-                            "train/loss": (window_loss / window_steps).item(),
+                            "train/loss": distributed.mean(window_loss / window_steps).item(),
                             "train/lr": optimizer.param_groups[0]["lr"],
                             "train/img_per_s": window_steps * batch_size / seconds,
                             "epoch": epoch,
@@ -227,21 +254,22 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                         )  # fmt: skip
                         window_loss.zero_()
                         window_steps, window_start = 0, time.perf_counter()
-                    if stop.signum is not None:
+                    if distributed.any_rank(stop.signum is not None):
                         break
                 bar.close()
-                if stop.signum is not None:
+                if distributed.any_rank(stop.signum is not None):
                     check_finite(nonfinite, epoch, step, run_dir)
                     aug_state = aug_rng.get_state()
                     save("last.pt")
-                    name = signal.Signals(stop.signum).name
+                    name = signal.Signals(stop.signum or signal.SIGTERM).name
                     print(
                         f"Stopped by {name} at epoch {epoch}, step {step}; saved {run_dir / 'last.pt'}. "
                         "Run the same command with resume=true to continue.",
                         file=sys.stderr, flush=True,
                     )  # fmt: skip
-                    exit_code = 128 + stop.signum
-                    raise Interrupted(stop.signum)
+                    signum = stop.signum or signal.SIGTERM  # a rank told by another rank
+                    exit_code = 128 + signum
+                    raise Interrupted(signum)
                 check_finite(nonfinite, epoch, step, run_dir)
                 epoch, batch_in_epoch, aug_state = epoch + 1, 0, None
                 top1 = None
@@ -269,6 +297,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         return final
     finally:
         logger.finish(exit_code)
+        distributed.shutdown()
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -285,8 +314,25 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def two_views_part(
+    augment: torch.nn.Module,
+    images: torch.Tensor,
+    batch_size: int,
+    rng: torch.Generator,
+    rank: int,
+    world: int,
+) -> torch.Tensor:
+    """One augmented view of this process's images. Parameters are drawn for the whole global batch
+    and sliced, so every sample gets the same view whatever the number of processes."""
+    params = augment.sample_params(batch_size, *images.shape[-2:], generator=rng, device=images.device)
+    if world > 1:
+        local = batch_size // world
+        params = {k: v[rank * local : (rank + 1) * local] for k, v in params.items()}
+    return augment.apply(images, params)
+
+
 def check_finite(nonfinite: torch.Tensor, epoch: int, step: int, run_dir: Path) -> None:
-    if nonfinite.item():
+    if distributed.any_rank(nonfinite, nonfinite.device):
         last = run_dir / "last.pt"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
         raise TrainingDiverged(

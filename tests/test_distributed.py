@@ -104,3 +104,54 @@ def test_sync_batchnorm_on_gloo_equals_one_process_on_the_global_batch() -> None
     # each process holds its part of the weight gradient; DDP's all-reduce sums/averages them
     summed = sum(out[r][2] for r in range(WORLD))
     torch.testing.assert_close(summed, net[1].weight.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "nnclr"])
+def test_two_processes_train_like_one(method: str, tmp_path) -> None:
+    """torchrun with 2 CPU processes (gloo) and 1 process, same global batch, seed and data: the same
+    losses step by step and the same final weights, to float tolerance. NNCLR only for its first
+    steps: its nearest-neighbour argmax turns float-level differences into different neighbours once
+    the support set holds near-identical early embeddings, after which the runs drift apart."""
+    import subprocess
+    import sys
+
+    from conftest import FAST
+
+    from ssl_lab import checkpoint
+    from ssl_lab.loggers import read_metrics
+
+    args = [
+        *FAST,
+        f"method={method}",
+        "epochs=1",
+        "trainer.log_every=1",
+        "trainer.progress=false",
+        "logger=none",
+    ]
+    runs = {}
+    for procs in (1, 2):
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+        ]
+        result = subprocess.run(
+            [*launcher, "-m", "ssl_lab.train", *args, f"hydra.run.dir=run{procs}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[procs] = tmp_path / f"run{procs}"
+    losses = {p: [r["train/loss"] for r in read_metrics(d) if "train/loss" in r] for p, d in runs.items()}
+    assert len(losses[1]) == 8
+    steps = 8 if method == "simclr" else 3
+    torch.testing.assert_close(
+        torch.tensor(losses[2][:steps]), torch.tensor(losses[1][:steps]), rtol=1e-5, atol=1e-5
+    )
+    if method == "simclr":
+        one, two = (checkpoint.load(runs[p] / "final.pt")["model"] for p in (1, 2))
+        for key in one:
+            torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-3, atol=1e-3, msg=key)
+    assert not any((runs[2] / ".hydra").glob("*rank*"))  # only rank 0 wrote the run dir

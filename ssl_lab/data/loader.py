@@ -22,11 +22,17 @@ def batches(
     drop_last: bool,
     num_workers: int = 0,
     pin_memory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(uint8 images [B,3,H,W], labels or None) for consecutive chunks of `indices`."""
+    """(uint8 images, labels or None) for consecutive chunks of `indices` of `batch_size` (global):
+    each process takes its contiguous slice of every global batch."""
     chunks = list(indices.split(batch_size))
     if drop_last and chunks and len(chunks[-1]) < batch_size:
         chunks.pop()
+    if world_size > 1:
+        local = batch_size // world_size
+        chunks = [c[rank * local : (rank + 1) * local] for c in chunks]
     if data.images is not None:
         for idx in chunks:
             images = data.images[idx]
