@@ -9,9 +9,10 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_lab import UserError
+from ssl_lab import UserError, distributed
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -35,6 +36,7 @@ TYPED_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "trainer.grad_clip": ((int, float, type(None)), "trainer.grad_clip=1.0"),
     "trainer.channels_last": ((bool,), "trainer.channels_last=true"),
     "trainer.compile": ((bool,), "trainer.compile=true"),
+    "trainer.nproc_per_node": ((int,), "trainer.nproc_per_node=2"),
 }
 POSITIVE = (
     "batch_size",
@@ -43,6 +45,7 @@ POSITIVE = (
     "data.image_size",
     "trainer.log_every",
     "trainer.checkpoint_every",
+    "trainer.nproc_per_node",
 )
 _ABSENT = object()
 CHOICES = {"trainer.precision": ("32", "bf16", "16"), "logger.mode": ("offline", "online", "disabled")}
@@ -119,8 +122,8 @@ def find_run_to_resume(outputs: Path, overrides: list[str]) -> Path | None:
 
 
 def _run_dir(resume: object, default: str, *, _root_: DictConfig) -> str:
-    if int(os.environ.get("RANK", 0)) > 0:  # only rank 0 makes the run dir; it tells the others
-        return str(Path(tempfile.gettempdir()) / f"ssl_lab-rank{os.environ['RANK']}-{os.getpid()}")
+    if distributed.rank() > 0:  # only rank 0 makes the run dir; it tells the others (train() removes this)
+        return str(Path(tempfile.gettempdir()) / f"ssl_lab-rank{distributed.rank()}-{os.getpid()}")
     if resume in (False, None) or str(resume).lower() == "false":
         return default
     if resume is not True and str(resume).lower() != "true":
@@ -133,14 +136,43 @@ def _run_dir(resume: object, default: str, *, _root_: DictConfig) -> str:
 def _hydra_subdir(resume: object) -> str | None:
     """A resumed run keeps the .hydra/ files of its first start; each resume gets its own folder.
     Processes other than rank 0 write none (Hydra issue #2070: each rank its own output dir)."""
-    if int(os.environ.get("RANK", 0)) > 0:
+    if distributed.rank() > 0:
         return None
     if resume in (False, None) or str(resume).lower() == "false":
         return ".hydra"
     return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
+def _sweep_group() -> str | None:
+    """In a multirun, the sweep dir's name (its date, or what hydra.sweep.dir says): one W&B group per
+    sweep. Outside one, no group."""
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is None or hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return Path(hydra_cfg.sweep.dir).name
+
+
+def _wandb_name(default: str) -> str:
+    """A run name that says the overrides: `simclr-synthetic optimizer=lars,optimizer.base_lr=0.6`,
+    and in a multirun the job number first (`#3 optimizer=lars,...`)."""
+    hydra_cfg = _hydra_config()
+    if hydra_cfg is None:
+        return default
+    overrides = hydra_cfg.job.override_dirname
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return f"#{hydra_cfg.job.num} {overrides}".strip()
+    return f"{default} {overrides}".strip()
+
+
+def _hydra_config() -> DictConfig | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ssl_lab_run_dir"):
         OmegaConf.register_new_resolver("ssl_lab_run_dir", _run_dir)
         OmegaConf.register_new_resolver("ssl_lab_hydra_subdir", _hydra_subdir, use_cache=True)
+        OmegaConf.register_new_resolver("ssl_lab_sweep_group", _sweep_group)
+        OmegaConf.register_new_resolver("ssl_lab_wandb_name", _wandb_name)

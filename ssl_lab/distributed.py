@@ -1,14 +1,20 @@
 """Process-group facts and collectives in one place. Everything that writes (console, files, W&B)
 asks `is_main()`.
 
-Single-process runs need no process group; under torchrun (or SLURM, later) the environment names
-rank and world, and `init()` joins the group: NCCL on GPUs, gloo on CPU.
+Single-process runs need no process group. Under torchrun, or `srun`/submitit on SLURM (one task per
+GPU), the environment names rank and world, and `init()` joins the group: NCCL on GPUs, gloo on CPU.
+`spawn()` starts the processes itself, for a sweep job that trains on several (trainer.nproc_per_node).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import uuid
 import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,27 +26,86 @@ warnings.filterwarnings("ignore", message="torch.distributed.nn.functional", cat
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    return dist.get_rank() if dist.is_initialized() else int(launch_env().get("RANK", 0))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    return dist.get_world_size() if dist.is_initialized() else int(launch_env().get("WORLD_SIZE", 1))
 
 
 def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return int(launch_env().get("LOCAL_RANK", 0))
 
 
 def is_main() -> bool:
     return rank() == 0
 
 
+def launch_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): torchrun's own
+    when it launched us, else mapped from SLURM's when `srun` or submitit started one task per GPU.
+    Only a job step's tasks count (SLURM_STEP_NUM_TASKS): the batch script itself runs with
+    SLURM_NTASKS set too, and a plain `python` there is one process."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ or "SLURM_STEP_NUM_TASKS" not in environ:
+        return {k: environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in environ}
+    job_id = int(environ.get("SLURM_JOB_ID", 0))
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": environ["SLURM_STEP_NUM_TASKS"],
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": first_host(
+            environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
+        ),
+        # one port per job, so that two jobs on one node do not meet; torchrun's default is 29500
+        "MASTER_PORT": environ.get("MASTER_PORT", str(20000 + job_id % 20000)),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu[003-005,9],cpu1` -> `gpu003` (what
+    `scontrol show hostnames | head -1` prints, without needing scontrol)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        return "127.0.0.1"
+    prefix, ranges = match.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
 def init(device_type: str) -> None:
     """Join the process group when launched with several processes."""
     if world_size() > 1 and not dist.is_initialized():
+        os.environ.update(launch_env())  # under SLURM: the env:// rendezvous reads these
         if device_type == "cuda":
             torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def spawn(fn: Callable[..., Any], args: tuple, nproc: int) -> Any:
+    """Run `fn(*args)` in `nproc` new processes on this machine that form a process group (what
+    `torchrun --standalone --nproc_per_node=nproc` does, but from inside a Python process, so that a
+    Hydra sweep job can train on several processes); returns rank 0's result. A process that fails
+    ends the others, and this raises torch's ChildFailedError."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"ssl_lab-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port
+        max_restarts=0,
+    )
+    # torch logs a worker's failure with a traceback of its own monitoring code; the caller reports it
+    quiet = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.CRITICAL)
+    try:
+        return elastic_launch(config, fn)(*args)[0]
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
 
 
 def shutdown() -> None:
@@ -132,6 +197,17 @@ def any_rank(flag: bool | torch.Tensor, device: torch.device | str = "cpu") -> b
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another process died (gloo reports a reset or
+    closed connection as a RuntimeError, NCCL a DistBackendError)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return False
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(s in text for s in ("gloo", "NCCL", "Connection"))
+    )
 
 
 def broadcast_object(obj: object) -> object:

@@ -15,7 +15,7 @@ class RunLogger:
     """The same metric names everywhere: train/loss, train/lr, train/img_per_s, val/knn_top1."""
 
     def __init__(
-        self, run_dir: Path, cfg: DictConfig, config: dict, run_id: str | None, enabled: bool, name: str = ""
+        self, run_dir: Path, cfg: DictConfig, config: dict, run_id: str | None, enabled: bool
     ) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
@@ -29,8 +29,9 @@ class RunLogger:
                 project=cfg.project,
                 entity=cfg.entity,
                 group=cfg.group,
+                job_type=cfg.job_type,
                 tags=list(cfg.tags),
-                name=f"{name}-{run_dir.name}" if name else run_dir.name,
+                name=cfg.run_name,
                 config=config,
                 dir=str(run_dir),
                 mode=cfg.mode,

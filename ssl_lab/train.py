@@ -15,6 +15,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,9 +25,12 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from tqdm import tqdm
 
 from ssl_lab import UserError, checkpoint, distributed
@@ -43,6 +47,13 @@ PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 class TrainingDiverged(Exception):
     """The loss became NaN or inf."""
+
+
+class PeerFailed(Exception):
+    """Another process of a multi-process run died, so this one cannot go on."""
+
+
+REPORTED = {e.__name__: e for e in (UserError, TrainingDiverged, PeerFailed)}  # one line, no traceback
 
 
 class Interrupted(Exception):
@@ -84,14 +95,14 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     main_process = rank == 0
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", distributed.local_rank())
-    if cfg.batch_size % world:
-        raise UserError(
-            f"batch_size={cfg.batch_size} (global) does not divide over {world} processes; "
-            f"use a multiple of {world}"
-        )
-    run_dir = Path(distributed.broadcast_object(str(run_dir or HydraConfig.get().runtime.output_dir)))
+    check_batch_divides(cfg.batch_size, world)
+    own_dir = run_dir or Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(distributed.broadcast_object(str(own_dir)))
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+    elif own_dir != run_dir:  # the placeholder Hydra made for this rank (config._run_dir)
+        with contextlib.suppress(OSError):
+            own_dir.rmdir()
     autocast_dtype = PRECISIONS[str(cfg.trainer.precision)]
     torch.manual_seed(cfg.seed)
 
@@ -121,7 +132,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     training_step = model.training_step
     if world > 1:
         training_step = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
         )
     if cfg.trainer.compile:
         training_step = torch.compile(training_step)
@@ -155,7 +166,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if main_process:
         write_run_info(run_dir, resolved, resumed=bool(cfg.resume))
-    logger = RunLogger(run_dir, cfg.logger, resolved, run_id, enabled=main_process, name=cfg.name)
+    logger = RunLogger(run_dir, OmegaConf.create(resolved["logger"]), resolved, run_id, enabled=main_process)
 
     def save(name: str) -> None:
         if main_process:
@@ -187,7 +198,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         return top1
 
     # ------------------------------------------------------------------ fit
-    exit_code = 1
+    exit_code, status, error = 1, "failed", None
     try:
         if epoch == 0 and batch_in_epoch == 0:
             knn_init = evaluate()
@@ -293,10 +304,26 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                     f"({final - knn_init:+.2f} points)",
                     flush=True,
                 )
-        exit_code = 0
+        exit_code, status = 0, "finished"
         return final
+    except Interrupted:
+        status = "interrupted"
+        raise
+    except Exception as e:
+        if distributed.lost_peer(e):
+            e = PeerFailed(
+                f"process {rank} lost contact with the others at step {step} ({one_line(str(e))[:90]}...): "
+                f"another process failed, see its message. {run_dir / 'last.pt'} holds the last epoch: "
+                "fix the cause, then run the same command with resume=true"
+            )
+            error = str(e)
+            raise e from None
+        error = user_message(e)
+        raise
     finally:
         logger.finish(exit_code)
+        if main_process:
+            set_status(run_dir, status, error)
         distributed.shutdown()
 
 
@@ -312,6 +339,14 @@ def pick_device(name: str) -> torch.device:
             f"trainer.device={name} but CUDA is not available here; use trainer.device=auto or cpu"
         )
     return device
+
+
+def check_batch_divides(batch_size: int, processes: int) -> None:
+    if batch_size % processes:
+        raise UserError(
+            f"batch_size={batch_size} (global) does not divide over {processes} processes; "
+            f"use a multiple of {processes}"
+        )
 
 
 def two_views_part(
@@ -406,6 +441,8 @@ def write_run_info(run_dir: Path, resolved: dict, resumed: bool) -> None:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     info_path = run_dir / "run_info.json"
     info = json.loads(info_path.read_text()) if resumed and info_path.exists() else {"starts": []}
+    info["status"] = "running"
+    info.pop("error", None)
     info["starts"].append(
         {
             "time": datetime.now().isoformat(timespec="seconds"),
@@ -417,6 +454,19 @@ def write_run_info(run_dir: Path, resolved: dict, resumed: bool) -> None:
         }
     )
     info_path.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
+    """run_info.json's `status` (running, finished, failed, interrupted) and the error of a failed run:
+    what `python -m ssl_lab.report` shows for each job of a sweep."""
+    path = run_dir / "run_info.json"
+    info = json.loads(path.read_text()) if path.exists() else {"starts": []}
+    info["status"] = status
+    if error:
+        info["error"] = error
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def git_state() -> dict[str, Any]:
@@ -446,16 +496,80 @@ def package_versions() -> dict[str, str]:
 register_resolvers()
 
 
+class JobFailed(Exception):
+    """A sweep job's error, already reported on one line: Hydra marks the job failed and goes on with
+    the others (a plain sys.exit would end the whole sweep)."""
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun and distributed.is_main():
+        print(f"job #{hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}", flush=True)
     try:
-        top1 = train(cfg)
+        top1 = launch(cfg, run_dir)
     except Interrupted as e:
         sys.exit(128 + e.signum)
-    except (UserError, TrainingDiverged, InstantiationException, OmegaConfBaseException) as e:
-        print(f"error: {user_message(e)}", file=sys.stderr)
-        sys.exit(1 if isinstance(e, TrainingDiverged) else 2)
+    except (UserError, TrainingDiverged, PeerFailed, InstantiationException, OmegaConfBaseException) as e:
+        message = user_message(e)
+        if distributed.is_main():  # the same error on every process: say it once
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        if multirun:
+            if not (run_dir / "run_info.json").exists():  # failed before training started
+                set_status(run_dir, "failed", message)
+            raise JobFailed(message) from None
+        sys.exit(1 if isinstance(e, TrainingDiverged | PeerFailed) else 2)
     return top1 if top1 is None or math.isfinite(top1) else None
+
+
+def launch(cfg: DictConfig, run_dir: Path) -> float | None:
+    """train() here, or on trainer.nproc_per_node new processes (a sweep job that uses several)."""
+    nproc = cfg.trainer.nproc_per_node
+    if nproc == 1:
+        return train(cfg)
+    if distributed.world_size() > 1:
+        raise UserError(
+            f"trainer.nproc_per_node={nproc} but this process was itself launched as one of "
+            f"{distributed.world_size()} (torchrun/SLURM); drop trainer.nproc_per_node or the launcher"
+        )
+    if pick_device(cfg.trainer.device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise UserError(
+            f"trainer.nproc_per_node={nproc} but this machine has {torch.cuda.device_count()} GPUs; "
+            f"use trainer.nproc_per_node<={torch.cuda.device_count()}"
+        )
+    check_config(cfg)
+    check_batch_divides(cfg.batch_size, nproc)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # Hydra's resolvers live in this process
+    with tempfile.TemporaryDirectory(prefix="ssl_lab-errors-") as errors:
+        try:
+            return distributed.spawn(_spawned_worker, (resolved, str(run_dir), errors), nproc)
+        except ChildFailedError:
+            failures = [json.loads(p.read_text()) for p in Path(errors).glob("*.json")]
+            if not failures:
+                raise  # a crash, not an error of ours: torch's report says which process and why
+            # the root cause first: a process's own error before another's "lost contact"
+            failure = min(failures, key=lambda f: (f["kind"] == "PeerFailed", f["rank"]))
+            if failure["kind"] == "Interrupted":
+                raise Interrupted(failure["signum"]) from None
+            raise REPORTED[failure["kind"]](failure["message"]) from None
+        except SignalException as e:  # SIGTERM/SIGINT to this process: the workers saved and stopped
+            raise Interrupted(e.sigval) from None
+
+
+def _spawned_worker(config: dict, run_dir: str, errors: str) -> float | None:
+    """One process of `launch`: train, and leave an error where the parent reads it."""
+    rank = distributed.rank()
+    try:
+        return train(OmegaConf.create(config), Path(run_dir))
+    except Interrupted as e:
+        failure, code = {"kind": "Interrupted", "signum": e.signum}, 128 + e.signum
+    except (*REPORTED.values(), InstantiationException, OmegaConfBaseException) as e:
+        kind = type(e).__name__ if type(e) in REPORTED.values() else "UserError"
+        failure, code = {"kind": kind, "message": user_message(e)}, 2 if kind == "UserError" else 1
+    (Path(errors) / f"{rank}.json").write_text(json.dumps({**failure, "rank": rank}))
+    sys.exit(code)
 
 
 def user_message(e: BaseException) -> str:
@@ -464,7 +578,7 @@ def user_message(e: BaseException) -> str:
         e = e.__cause__
     if isinstance(e, MissingMandatoryValue):
         return f"{e.full_key} is missing: add {e.full_key}=<value> to the command line"
-    if isinstance(e, UserError | TrainingDiverged):
+    if isinstance(e, UserError | TrainingDiverged | PeerFailed):
         return str(e)
     return one_line(str(e))
 

@@ -1,12 +1,24 @@
-"""Several processes (gloo on CPU) against one: the gathered NT-Xent, and training itself."""
+"""Several processes (gloo on CPU) against one: the gathered NT-Xent, sync batch norm, training
+itself under torchrun (one node and two "nodes" on loopback), the in-process launcher, SLURM's
+environment, and a process that dies."""
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import FAST
 
+from ssl_lab import checkpoint
+from ssl_lab.distributed import first_host, launch_env
+from ssl_lab.loggers import read_metrics
 from ssl_lab.methods.simclr import nt_xent
 
 WORLD = 2
@@ -54,10 +66,6 @@ def test_without_gather_each_process_sees_only_its_own_negatives() -> None:
     z0, z1 = torch.randn(8, 16), torch.randn(8, 16)
     halves = (nt_xent(z0[:4], z1[:4], 0.3) + nt_xent(z0[4:], z1[4:], 0.3)) / 2
     assert not torch.allclose(halves, nt_xent(z0, z1, 0.3))
-
-
-if __name__ == "__main__":
-    pytest.main([__file__])
 
 
 def _sync_bn(rank: int, port: int, x: torch.Tensor, state: dict, out: dict) -> None:
@@ -113,14 +121,6 @@ def test_two_processes_train_like_one(method: str, tmp_path) -> None:
     losses step by step and the same final weights, to float tolerance. NNCLR only for its first
     steps: its nearest-neighbour argmax turns float-level differences into different neighbours once
     the support set holds near-identical early embeddings, after which the runs drift apart."""
-    import subprocess
-    import sys
-
-    from conftest import FAST
-
-    from ssl_lab import checkpoint
-    from ssl_lab.loggers import read_metrics
-
     args = [
         *FAST,
         f"method={method}",
@@ -155,3 +155,197 @@ def test_two_processes_train_like_one(method: str, tmp_path) -> None:
         for key in one:
             torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-3, atol=1e-3, msg=key)
     assert not any((runs[2] / ".hydra").glob("*rank*"))  # only rank 0 wrote the run dir
+
+
+TRAIN_ARGS = [*FAST, "trainer.log_every=1", "trainer.progress=false", "logger=none"]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "ssl_lab.train", *TRAIN_ARGS]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_train_and_checkpoint_once(tmp_path: Path) -> None:
+    """Two torchrun invocations (`--nnodes=2`, c10d rendezvous on 127.0.0.1), one process each, as on
+    two machines: they train as one run; only node 0 writes, and to one run dir."""
+    rdzv = [
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+    ]
+    nodes = [
+        subprocess.Popen(
+            [*torchrun(*rdzv, f"--node_rank={n}", "--rdzv-id=loopback"), "epochs=1"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for n in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-3000:]
+    runs = [p.parent for p in (tmp_path / "outputs").rglob("final.pt")]
+    assert len(runs) == 1, runs
+    assert len(list((tmp_path / "outputs").rglob("last.pt"))) == 1
+    assert len(list((tmp_path / "outputs").rglob("metrics.jsonl"))) == 1
+    assert "Run dir:" in outputs[0][0] and "Run dir:" not in outputs[1][0]  # rank 0 alone prints
+    assert len(train_losses(runs[0])) == 8 and checkpoint.load(runs[0] / "final.pt")["step"] == 8
+
+
+def slurm_env(procid: int, ntasks: int, port: int) -> dict[str, str]:
+    """What `srun --ntasks=2` (or submitit with tasks_per_node=2) gives each task, on one node."""
+    return {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(procid),
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_STEP_NUM_TASKS": str(ntasks),
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_JOB_NODELIST": "localhost",
+        "MASTER_PORT": str(port),
+    }
+
+
+def test_slurm_environment_maps_to_torchrun_variables() -> None:
+    env = launch_env(
+        {**slurm_env(5, 8, 0), "SLURM_LOCALID": "1", "SLURM_STEP_NODELIST": "gpu[017-018]"}
+        | {"MASTER_PORT": "1"}
+    )
+    assert env == {
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu017",
+        "MASTER_PORT": "1",
+    }
+    no_port = {k: v for k, v in slurm_env(0, 2, 0).items() if k != "MASTER_PORT"}
+    assert launch_env(no_port)["MASTER_PORT"] == str(20000 + 4242)  # one port per job
+    # torchrun's own variables win; the batch script (no job step) is one process
+    assert launch_env({**slurm_env(1, 2, 0), "RANK": "0", "WORLD_SIZE": "1"}) == {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+    }
+    batch_script = {k: v for k, v in slurm_env(0, 4, 0).items() if k != "SLURM_STEP_NUM_TASKS"}
+    assert launch_env(batch_script) == {}
+    assert [first_host(s) for s in ("n[01-04,9],m2", "node7", "a-b[3]", "x,y")] == [
+        "n01",
+        "node7",
+        "a-b3",
+        "x",
+    ]
+
+
+@pytest.mark.slow
+def test_srun_style_tasks_train_as_one_run(tmp_path: Path) -> None:
+    """Two plain `python -m ssl_lab.train` processes with SLURM's variables (as srun starts them):
+    the runner forms the process group itself and trains like torchrun's two processes."""
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    tasks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ssl_lab.train", *TRAIN_ARGS, "epochs=1", "hydra.run.dir=run"],
+            cwd=tmp_path,
+            env={**base, **slurm_env(i, 2, port)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in (0, 1)
+    ]
+    for task in tasks:
+        _, err = task.communicate(timeout=600)
+        assert task.returncode == 0, err[-3000:]
+    assert checkpoint.load(tmp_path / "run" / "final.pt")["step"] == 8
+    assert not list(tmp_path.glob("ssl_lab-rank*"))
+
+
+@pytest.mark.slow
+def test_in_process_launcher_trains_like_torchrun(tmp_path: Path) -> None:
+    """trainer.nproc_per_node=2 starts the processes from inside the runner (what sweep jobs use):
+    the same losses as torchrun with 2 processes."""
+    common = [*TRAIN_ARGS, "epochs=1"]
+    spawned = subprocess.run(
+        [sys.executable, "-m", "ssl_lab.train", *common, "trainer.nproc_per_node=2", "hydra.run.dir=spawned"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert spawned.returncode == 0, spawned.stderr[-3000:]
+    launched = subprocess.run(
+        [*torchrun("--standalone", "--nproc_per_node=2"), "epochs=1", "hydra.run.dir=torchrun"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    torch.testing.assert_close(
+        torch.tensor(train_losses(tmp_path / "spawned")), torch.tensor(train_losses(tmp_path / "torchrun"))
+    )
+    assert spawned.stdout.count("Run dir:") == 1
+
+
+def test_in_process_launcher_reports_a_worker_error_on_one_line(tmp_path: Path) -> None:
+    """An error that the processes meet (no data set there) is said once, by the launching process."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ssl_lab.train", *TRAIN_ARGS, "trainer.nproc_per_node=2", "data=cifar10",
+         f"data.root={tmp_path / 'nowhere'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no cifar10 found") and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of torchrun's worker of this rank (its child whose environment says RANK=rank)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in children:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds torchrun's workers in /proc")
+def test_a_dead_process_ends_all_and_the_run_resumes(tmp_path: Path) -> None:
+    """kill -9 of one of two processes mid-run: torchrun ends the other at once (no hang), which says
+    on one line what happened; resuming on 2 processes gives the uninterrupted run's weights."""
+    epochs = ["epochs=3"]
+    full = subprocess.run(
+        [*torchrun("--standalone", "--nproc_per_node=2"), *epochs, "hydra.run.dir=full"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    run = tmp_path / "cut"
+    launcher = subprocess.Popen(
+        [*torchrun("--standalone", "--nproc_per_node=2"), *epochs, f"hydra.run.dir={run}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (run / "last.pt").exists() or len(train_losses(run)) < 10:  # into epoch 2
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.2)
+    os.kill(worker_pid(launcher, 1), signal.SIGKILL)
+    start = time.time()
+    _, err = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and time.time() - start < 60
+    assert "process 0 lost contact with the others" in err and "resume=true" in err
+    assert "exitcode  : -9" in err  # torchrun names the process that died
+
+    resumed = subprocess.run(
+        [*torchrun("--standalone", "--nproc_per_node=2"), *epochs, f"resume={run}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one, two = (checkpoint.load(d / "final.pt")["model"] for d in (tmp_path / "full", run))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-6, msg=key)
