@@ -65,15 +65,16 @@ class Interrupted(Exception):
 
 
 class Stop:
-    """SIGTERM, SIGUSR1 (SLURM's warning before the time limit) or a first Ctrl-C ask the loop to
-    checkpoint and stop at the next step boundary; a second Ctrl-C stops at once."""
+    """SIGTERM, SIGUSR1/SIGUSR2 (SLURM's and submitit's warnings before the time limit) or a first
+    Ctrl-C ask the loop to checkpoint and stop at the next step boundary; a second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
 
     def __enter__(self) -> Stop:
         self.previous = {
-            s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+            s: signal.signal(s, self.handle)
+            for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
         }
         return self
 
