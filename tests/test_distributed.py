@@ -349,3 +349,39 @@ def test_a_dead_process_ends_all_and_the_run_resumes(tmp_path: Path) -> None:
     one, two = (checkpoint.load(d / "final.pt")["model"] for d in (tmp_path / "full", run))
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+def _train_rank(rank: int, port: int, run_dir: str, out: dict) -> None:
+    """One of two processes of a run in which only rank 1's loss turns NaN (in epoch 2)."""
+    from conftest import compose_cfg
+
+    from ssl_lab.methods.simclr import SimCLR
+    from ssl_lab.train import TrainingDiverged, train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    if rank == 1:
+        real_step, calls = SimCLR.training_step, {"n": 0}
+
+        def poisoned(self, view0, view1):
+            calls["n"] += 1
+            result = real_step(self, view0, view1)
+            return {"loss": result["loss"] * float("nan")} if calls["n"] > 10 else result
+
+        SimCLR.training_step = poisoned
+    try:
+        train(compose_cfg([*FAST, "epochs=2", "trainer.progress=false", "trainer.log_every=1"]), run_dir=Path(run_dir))
+        out[rank] = "finished"
+    except TrainingDiverged as e:
+        out[rank] = str(e)
+
+
+@pytest.mark.slow
+def test_nan_on_one_process_stops_all_at_the_same_step(tmp_path: Path) -> None:
+    out = mp.Manager().dict()
+    mp.spawn(_train_rank, args=(free_port(), str(tmp_path), out), nprocs=2, join=True)
+    # checked at every step: at step 11 only rank 1's loss is NaN, and rank 0 stops with it
+    assert "NaN/inf in epoch 1 (by step 11)" in out[0] and out[0] == out[1]
+    state = checkpoint.load(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and not (tmp_path / "final.pt").exists()
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

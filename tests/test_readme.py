@@ -79,3 +79,34 @@ def test_ruff_clean() -> None:
             [sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True
         )
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def readme_train_commands() -> list[list[str]]:
+    """The arguments of every `... -m ssl_lab.train ARGS` line in the README's bash blocks."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0]
+            if "ssl_lab.train" in line:
+                commands.append(line.split("ssl_lab.train", 1)[1].split())
+    return commands
+
+
+def test_every_readme_train_command_composes() -> None:
+    """Each command the README shows composes (a sweep's first value of each list stands for it), so
+    renamed options and keys fail here rather than for a reader."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ssl_lab.config import check_config, register_resolvers
+
+    register_resolvers()
+    commands = readme_train_commands()
+    assert len(commands) >= 15
+    for args in commands:
+        overrides = [a.split(",")[0] if "(" not in a else a for a in args if a != "-m" and "<" not in a]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=overrides)
+        check_config(cfg)
