@@ -370,7 +370,10 @@ def _train_rank(rank: int, port: int, run_dir: str, out: dict) -> None:
 
         SimCLR.training_step = poisoned
     try:
-        train(compose_cfg([*FAST, "epochs=2", "trainer.progress=false", "trainer.log_every=1"]), run_dir=Path(run_dir))
+        train(
+            compose_cfg([*FAST, "epochs=2", "trainer.progress=false", "trainer.log_every=1"]),
+            run_dir=Path(run_dir),
+        )
         out[rank] = "finished"
     except TrainingDiverged as e:
         out[rank] = str(e)
