@@ -75,6 +75,7 @@ def check_config(cfg: DictConfig) -> None:
 def check_command_line(args: list[str]) -> None:
     """Compose the config once before Hydra runs, so that a typo in an override ends with one line
     and exit status 2 instead of Hydra's report. Sweeps (-m) and Hydra's own flags are left to Hydra."""
+    check_plugins(args)
     if any(a.startswith("-") for a in args):
         return
     for override in args:  # `method=foo`: say which options exist
@@ -92,6 +93,24 @@ def check_command_line(args: list[str]) -> None:
             compose("train", overrides=[a for a in args if not a.startswith("hydra.")])
     except Exception as e:  # Hydra's and OmegaConf's errors about the overrides themselves
         _fail(one_line(str(e)))
+
+
+# options that need a Hydra plugin from an extra: (option prefix, plugin module, extra)
+PLUGINS = (
+    ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hydra/launcher=submitit", "hydra_plugins.hydra_submitit_launcher", "slurm"),
+    ("hparams_search=lr_temperature", "hydra_plugins.hydra_optuna_sweeper", "search"),
+    ("hydra/sweeper=optuna", "hydra_plugins.hydra_optuna_sweeper", "search"),
+)
+
+
+def check_plugins(args: list[str]) -> None:
+    import importlib.util
+
+    for arg in args:
+        for prefix, module, extra in PLUGINS:
+            if arg.startswith(prefix) and importlib.util.find_spec(module) is None:
+                _fail(f"{arg} needs the {module.split('.')[-1]} plugin: pip install -e '.[{extra}]'")
 
 
 def one_line(message: str) -> str:

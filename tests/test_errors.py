@@ -123,3 +123,21 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
         for p in run_dir.rglob("*")
         if p.is_file() and "resume-" not in str(p.relative_to(run_dir))
     }
+
+
+@pytest.mark.parametrize(
+    ("arg", "extra"), [("hydra/launcher=slurm", "slurm"), ("hparams_search=lr_temperature", "search")]
+)
+def test_option_whose_plugin_is_missing_says_which_extra(arg: str, extra: str, monkeypatch, capsys) -> None:
+    import importlib.util
+
+    from ssl_lab.config import check_command_line
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit) as exit_:
+        check_command_line(["-m", arg])
+    assert exit_.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {arg} needs the {'hydra_submitit_launcher' if extra == 'slurm' else 'hydra_optuna_sweeper'} plugin: pip install -e '.[{extra}]'\n"
+    )
