@@ -54,6 +54,8 @@ class PeerFailed(Exception):
 
 
 REPORTED = {e.__name__: e for e in (UserError, TrainingDiverged, PeerFailed)}  # one line, no traceback
+# what main() and the spawned workers turn into one line (Hydra/OmegaConf errors are the user's input)
+USER_FACING = (*REPORTED.values(), InstantiationException, OmegaConfBaseException)
 
 
 class Interrupted(Exception):
@@ -167,7 +169,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     if main_process:
         write_run_info(run_dir, resolved, resumed=bool(cfg.resume))
-    logger = RunLogger(run_dir, OmegaConf.create(resolved["logger"]), resolved, run_id, enabled=main_process)
+    logger = RunLogger(run_dir, cfg.logger, resolved, run_id, enabled=main_process)
 
     def save(name: str) -> None:
         if main_process:
@@ -443,7 +445,7 @@ def write_run_info(run_dir: Path, resolved: dict, resumed: bool) -> None:
     info_path = run_dir / "run_info.json"
     info = json.loads(info_path.read_text()) if resumed and info_path.exists() else {"starts": []}
     info["status"] = "running"
-    info.pop("error", None)
+    info.pop("error", None)  # of an earlier start that failed
     info["starts"].append(
         {
             "time": datetime.now().isoformat(timespec="seconds"),
@@ -454,7 +456,7 @@ def write_run_info(run_dir: Path, resolved: dict, resumed: bool) -> None:
             "versions": package_versions(),
         }
     )
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    write_json(info_path, info)
 
 
 def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
@@ -465,8 +467,13 @@ def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
     info["status"] = status
     if error:
         info["error"] = error
+    write_json(path, info)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomically (temp file + rename): a kill leaves the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
 
 
@@ -513,7 +520,7 @@ def main(cfg: DictConfig) -> float | None:
         top1 = launch(cfg, run_dir)
     except Interrupted as e:
         sys.exit(128 + e.signum)
-    except (UserError, TrainingDiverged, PeerFailed, InstantiationException, OmegaConfBaseException) as e:
+    except USER_FACING as e:
         message = user_message(e)
         if distributed.is_main():  # the same error on every process: say it once
             print(f"error: {message}", file=sys.stderr, flush=True)
@@ -521,7 +528,7 @@ def main(cfg: DictConfig) -> float | None:
             if not (run_dir / "run_info.json").exists():  # failed before training started
                 set_status(run_dir, "failed", message)
             raise JobFailed(message) from None
-        sys.exit(1 if isinstance(e, TrainingDiverged | PeerFailed) else 2)
+        sys.exit(exit_status(e))
     return top1 if top1 is None or math.isfinite(top1) else None
 
 
@@ -566,11 +573,16 @@ def _spawned_worker(config: dict, run_dir: str, errors: str) -> float | None:
         return train(OmegaConf.create(config), Path(run_dir))
     except Interrupted as e:
         failure, code = {"kind": "Interrupted", "signum": e.signum}, 128 + e.signum
-    except (*REPORTED.values(), InstantiationException, OmegaConfBaseException) as e:
+    except USER_FACING as e:
         kind = type(e).__name__ if type(e) in REPORTED.values() else "UserError"
-        failure, code = {"kind": kind, "message": user_message(e)}, 2 if kind == "UserError" else 1
+        failure, code = {"kind": kind, "message": user_message(e)}, exit_status(e)
     (Path(errors) / f"{rank}.json").write_text(json.dumps({**failure, "rank": rank}))
     sys.exit(code)
+
+
+def exit_status(e: BaseException) -> int:
+    """1 when the run itself failed (diverged, lost a process), 2 for bad input."""
+    return 1 if isinstance(e, TrainingDiverged | PeerFailed) else 2
 
 
 def user_message(e: BaseException) -> str:
@@ -579,7 +591,7 @@ def user_message(e: BaseException) -> str:
         e = e.__cause__
     if isinstance(e, MissingMandatoryValue):
         return f"{e.full_key} is missing: add {e.full_key}=<value> to the command line"
-    if isinstance(e, UserError | TrainingDiverged | PeerFailed):
+    if isinstance(e, tuple(REPORTED.values())):
         return str(e)
     return one_line(str(e))
 

@@ -13,9 +13,10 @@ CONF = ROOT / "conf"
 FAST = ["debug=smoke", "backbone=timm", "backbone.name=test_resnet"]
 
 
-def compose_cfg(overrides: list[str]) -> DictConfig:
+def compose_cfg(overrides: list[str], hydra_config: bool = False) -> DictConfig:
+    """The composed config (with its `hydra` node when asked: launcher and sweeper settings)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=False)
+        return compose("train", overrides=overrides, return_hydra_config=hydra_config)
 
 
 def run_cli(

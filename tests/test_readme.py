@@ -96,17 +96,13 @@ def readme_train_commands() -> list[list[str]]:
 def test_every_readme_train_command_composes() -> None:
     """Each command the README shows composes (a sweep's first value of each list stands for it), so
     renamed options and keys fail here rather than for a reader."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from conftest import compose_cfg
 
-    from ssl_lab.config import check_config, register_resolvers
+    from ssl_lab.config import check_config
 
-    register_resolvers()
     commands = readme_train_commands()
     assert len(commands) >= 15
     for args in commands:
         overrides = [a.split(",")[0] if "(" not in a else a for a in args if a != "-m" and "<" not in a]
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=overrides)
+        cfg = compose_cfg(overrides)
         check_config(cfg)

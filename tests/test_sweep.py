@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONF, FAST, ROOT, run_cli
-from hydra import compose, initialize_config_dir
+from conftest import FAST, ROOT, compose_cfg, run_cli
 
-from ssl_lab.config import register_resolvers
 from ssl_lab.loggers import read_metrics
 
 QUIET = [*FAST, "trainer.progress=false"]
@@ -116,15 +114,10 @@ def test_optuna_search_maximises_knn_top1(workdir: Path) -> None:
     assert set(best["best_params"]) == {"optimizer.base_lr", "method.temperature"}
 
 
-def compose_with_hydra(overrides: list[str]):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
-
-
 def test_slurm_launcher_config_composes_with_one_task_per_gpu() -> None:
-    cfg = compose_with_hydra(
-        ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "hydra.launcher.nodes=2"]
+    cfg = compose_cfg(
+        ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4", "hydra.launcher.nodes=2"],
+        hydra_config=True,
     )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -141,5 +134,5 @@ def test_native_wandb_sweep_drives_the_hydra_app() -> None:
     sampled = {"optimizer.base_lr": 0.0012, "method.temperature": 0.31}
     assert set(sampled) == set(sweep["parameters"])
     overrides = [*command[4:-1], *(f"{k}={v}" for k, v in sampled.items())]
-    cfg = compose_with_hydra(overrides)
+    cfg = compose_cfg(overrides, hydra_config=True)
     assert cfg.optimizer.base_lr == 0.0012 and cfg.method.temperature == 0.31 and cfg.logger.mode == "online"
