@@ -21,10 +21,10 @@ TYPED_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "seed": ((int,), "seed=0"),
     "batch_size": ((int,), "batch_size=256"),
     "epochs": ((int,), "epochs=100"),
-    "eval.every": ((int,), "eval.every=10"),
-    "eval.k": ((int,), "eval.k=200"),
-    "eval.temperature": ((int, float), "eval.temperature=0.1"),
-    "eval.batch_size": ((int,), "eval.batch_size=512"),
+    "monitor.every": ((int,), "monitor.every=10"),
+    "monitor.k": ((int,), "monitor.k=200"),
+    "monitor.temperature": ((int, float), "monitor.temperature=0.1"),
+    "monitor.batch_size": ((int,), "monitor.batch_size=512"),
     "method.temperature": ((int, float), "method.temperature=0.5"),
     "optimizer.base_lr": ((int, float), "optimizer.base_lr=0.3"),
     "optimizer.weight_decay": ((int, float), "optimizer.weight_decay=1e-6"),
@@ -37,15 +37,27 @@ TYPED_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "trainer.channels_last": ((bool,), "trainer.channels_last=true"),
     "trainer.compile": ((bool,), "trainer.compile=true"),
     "trainer.nproc_per_node": ((int,), "trainer.nproc_per_node=2"),
+    # python -m ssl_lab.eval
+    "eval.k": ((int,), "eval.k=200"),
+    "eval.temperature": ((int, float), "eval.temperature=0.1"),
+    "eval.epochs": ((int,), "eval.epochs=100"),
+    "eval.batch_size": ((int,), "eval.batch_size=256"),
+    "eval.base_lr": ((int, float), "eval.base_lr=0.1"),
+    "eval.weight_decay": ((int, float), "eval.weight_decay=0"),
+    "eval.label_fraction": ((int, float), "eval.label_fraction=0.1"),
+    "eval.augment": ((bool,), "eval.augment=true"),
 }
 POSITIVE = (
     "batch_size",
-    "eval.k",
-    "eval.batch_size",
+    "monitor.k",
+    "monitor.batch_size",
     "data.image_size",
     "trainer.log_every",
     "trainer.checkpoint_every",
     "trainer.nproc_per_node",
+    "eval.k",
+    "eval.epochs",
+    "eval.batch_size",
 )
 _ABSENT = object()
 CHOICES = {"trainer.precision": ("32", "bf16", "16"), "logger.mode": ("offline", "online", "disabled")}
@@ -64,35 +76,40 @@ def check_config(cfg: DictConfig) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key, default=1) < 1:
             raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
-    if cfg.epochs < 0:
+    if OmegaConf.select(cfg, "epochs", default=0) < 0:
         raise UserError(f"epochs={cfg.epochs} must not be negative")
+    for entry in OmegaConf.select(cfg, "eval_after", default=None) or []:
+        if not (CONF_DIR / "eval" / f"{str(entry).split()[0]}.yaml").exists():
+            options = ", ".join(sorted(p.stem for p in (CONF_DIR / "eval").glob("*.yaml")))
+            raise UserError(f"eval_after: unknown protocol {str(entry).split()[0]!r}; choose from: {options}")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and str(value) not in allowed:
             raise UserError(f"{key}={value} is not one of {', '.join(allowed)}")
 
 
-def check_command_line(args: list[str]) -> None:
+def check_command_line(args: list[str], config_name: str = "train") -> DictConfig | None:
     """Compose the config once before Hydra runs, so that a typo in an override ends with one line
-    and exit status 2 instead of Hydra's report. Sweeps (-m) and Hydra's own flags are left to Hydra."""
+    and exit status 2 instead of Hydra's report; returns it. Sweeps (-m) and Hydra's own flags are
+    left to Hydra (None)."""
     check_plugins(args)
     if any(a.startswith("-") for a in args):
-        return
+        return None
     for override in args:  # `method=foo`: say which options exist
         key, sep, value = override.lstrip("+~").partition("=")
         group = CONF_DIR / key
         known = sep and "." not in key and group.is_dir()
         if known and value not in ("null", "") and not (group / f"{value}.yaml").exists():
             options = sorted(p.stem for p in group.glob("*.yaml"))
-            _fail(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
+            fail(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
     from hydra import compose, initialize_config_dir
 
     register_resolvers()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose("train", overrides=[a for a in args if not a.startswith("hydra.")])
+            return compose(config_name, overrides=[a for a in args if not a.startswith("hydra.")])
     except Exception as e:  # Hydra's and OmegaConf's errors about the overrides themselves
-        _fail(one_line(str(e)))
+        fail(one_line(str(e)))
 
 
 # options that need a Hydra plugin from an extra: (option prefix, plugin module, extra)
@@ -110,7 +127,7 @@ def check_plugins(args: list[str]) -> None:
     for arg in args:
         for prefix, module, extra in PLUGINS:
             if arg.startswith(prefix) and importlib.util.find_spec(module) is None:
-                _fail(f"{arg} needs the {module.split('.')[-1]} plugin: pip install -e '.[{extra}]'")
+                fail(f"{arg} needs the {module.split('.')[-1]} plugin: pip install -e '.[{extra}]'")
 
 
 def one_line(message: str) -> str:
@@ -121,7 +138,7 @@ def one_line(message: str) -> str:
     return " ".join(lines)
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -162,6 +179,12 @@ def _hydra_subdir(resume: object) -> str | None:
     return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}"
 
 
+def _eval_dir(checkpoint: str) -> str:
+    """python -m ssl_lab.eval works in the pretraining run's dir (that of checkpoint=<dir or .pt>)."""
+    path = Path(str(checkpoint)).expanduser()
+    return str(path if path.is_dir() else path.parent)
+
+
 def _sweep_group() -> str | None:
     """In a multirun, the sweep dir's name (its date, or what hydra.sweep.dir says): one W&B group per
     sweep. Outside one, no group."""
@@ -194,4 +217,5 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("ssl_lab_run_dir", _run_dir)
         OmegaConf.register_new_resolver("ssl_lab_hydra_subdir", _hydra_subdir, use_cache=True)
         OmegaConf.register_new_resolver("ssl_lab_sweep_group", _sweep_group)
+        OmegaConf.register_new_resolver("ssl_lab_eval_dir", _eval_dir)
         OmegaConf.register_new_resolver("ssl_lab_wandb_name", _wandb_name)

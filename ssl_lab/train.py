@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from ssl_lab import UserError, checkpoint, distributed
 from ssl_lab.config import check_command_line, check_config, one_line, register_resolvers
-from ssl_lab.data.augment import normalize
-from ssl_lab.data.datasets import DataSplits, ImageSet
+from ssl_lab.data.datasets import DataSplits
 from ssl_lab.data.loader import batches, epoch_order
-from ssl_lab.knn import knn_predict, topk_accuracy
+from ssl_lab.eval.common import features
+from ssl_lab.eval.knn import knn_predict, topk_accuracy
 from ssl_lab.loggers import RunLogger
 from ssl_lab.optim import build_optimizer
 
@@ -107,6 +107,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         with contextlib.suppress(OSError):
             own_dir.rmdir()
     autocast_dtype = PRECISIONS[str(cfg.trainer.precision)]
+    eval_after = []  # composed now, so that a typo in eval_after fails before training, not after
+    if main_process and cfg.eval_after:
+        # imported here: ssl_lab.eval.run imports this module
+        from ssl_lab.eval.run import eval_after_configs
+        from ssl_lab.eval.run import evaluate as run_protocol
+
+        eval_after = eval_after_configs(cfg, run_dir / "final.pt")
     torch.manual_seed(cfg.seed)
 
     data: DataSplits = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
@@ -230,24 +237,13 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                 for images, _ in loader:
                     scheduler.step_update(step)
                     images = images.to(device, non_blocking=True)
-                    views = [
-                        two_views_part(augment, images, batch_size, aug_rng, rank, world) for _ in range(2)
-                    ]
-                    if cfg.trainer.channels_last:
-                        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-                    with torch.autocast(
-                        device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-                    ):
-                        loss = training_step(*views)["loss"]
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if cfg.trainer.grad_clip:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
+                    views = two_views(
+                        augment, images, batch_size, aug_rng, rank, world, cfg.trainer.channels_last
+                    )
+                    loss = optimization_step(
+                        training_step, views, optimizer, scaler, autocast_dtype, cfg.trainer.grad_clip
+                    )
                     step, batch_in_epoch = step + 1, batch_in_epoch + 1
-                    loss = loss.detach()
                     nonfinite |= ~torch.isfinite(loss)
                     window_loss += loss
                     window_steps += 1
@@ -287,7 +283,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                 check_finite(nonfinite, epoch, step, run_dir)
                 epoch, batch_in_epoch, aug_state = epoch + 1, 0, None
                 top1 = None
-                if cfg.eval.every and epoch % cfg.eval.every == 0 and epoch < cfg.epochs:
+                if cfg.monitor.every and epoch % cfg.monitor.every == 0 and epoch < cfg.epochs:
                     top1 = evaluate()
                 if main_process and metrics:
                     summary = f"epoch {epoch}/{cfg.epochs}  loss {metrics['train/loss']:.4f}"
@@ -307,6 +303,8 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
                     f"({final - knn_init:+.2f} points)",
                     flush=True,
                 )
+            for eval_cfg in eval_after:
+                run_protocol(eval_cfg, logger, data=data if eval_cfg.get("data") is None else None)
         exit_code, status = 0, "finished"
         return final
     except Interrupted:
@@ -352,21 +350,48 @@ def check_batch_divides(batch_size: int, processes: int) -> None:
         )
 
 
-def two_views_part(
+def two_views(
     augment: torch.nn.Module,
     images: torch.Tensor,
     batch_size: int,
     rng: torch.Generator,
-    rank: int,
-    world: int,
+    rank: int = 0,
+    world: int = 1,
+    channels_last: bool = False,
+) -> list[torch.Tensor]:
+    """Two augmented views of this process's images. Parameters are drawn for the whole global batch
+    and sliced, so every sample gets the same views whatever the number of processes."""
+    views = []
+    for _ in range(2):
+        params = augment.sample_params(batch_size, *images.shape[-2:], generator=rng, device=images.device)
+        if world > 1:
+            local = batch_size // world
+            params = {k: v[rank * local : (rank + 1) * local] for k, v in params.items()}
+        view = augment.apply(images, params)
+        views.append(view.contiguous(memory_format=torch.channels_last) if channels_last else view)
+    return views
+
+
+def optimization_step(
+    training_step,
+    views: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    autocast_dtype: torch.dtype | None,
+    grad_clip: float | None,
 ) -> torch.Tensor:
-    """One augmented view of this process's images. Parameters are drawn for the whole global batch
-    and sliced, so every sample gets the same view whatever the number of processes."""
-    params = augment.sample_params(batch_size, *images.shape[-2:], generator=rng, device=images.device)
-    if world > 1:
-        local = batch_size // world
-        params = {k: v[rank * local : (rank + 1) * local] for k, v in params.items()}
-    return augment.apply(images, params)
+    """Forward (under autocast), backward and update; returns the detached loss (no sync)."""
+    with torch.autocast(views[0].device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = training_step(*views)["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
 
 
 def check_finite(nonfinite: torch.Tensor, epoch: int, step: int, run_dir: Path) -> None:
@@ -379,31 +404,15 @@ def check_finite(nonfinite: torch.Tensor, epoch: int, step: int, run_dir: Path) 
         )
 
 
-@torch.no_grad()
-def features(
-    model: torch.nn.Module, images: ImageSet, data: DataSplits, cfg: DictConfig, device, dtype
-) -> torch.Tensor:
-    out = []
-    for batch, _ in batches(images, torch.arange(len(images)), cfg.eval.batch_size, drop_last=False,
-                            num_workers=cfg.trainer.num_workers):  # fmt: skip
-        x = normalize(batch.to(device, non_blocking=True), data.mean, data.std)
-        if cfg.trainer.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out.append(model(x).float())
-    return torch.cat(out)
-
-
 def knn_top1(model: torch.nn.Module, data: DataSplits, cfg: DictConfig, device, dtype) -> float:
     """Weighted kNN top-1 (%) of the backbone's features: the labelled train split is the bank,
     the test split the queries."""
-    was_training = model.training
-    model.eval()
-    bank = features(model, data.memory, data, cfg, device, dtype)
-    queries = features(model, data.test, data, cfg, device, dtype)
-    model.train(was_training)
+    kwargs = dict(mean=data.mean, std=data.std, device=device, batch_size=cfg.monitor.batch_size,
+                  autocast_dtype=dtype, channels_last=cfg.trainer.channels_last,
+                  num_workers=cfg.trainer.num_workers)  # fmt: skip
+    bank, queries = features(model, data.memory, **kwargs), features(model, data.test, **kwargs)
     scores = knn_predict(
-        queries, bank, data.memory.labels.to(device), data.num_classes, cfg.eval.k, cfg.eval.temperature
+        queries, bank, data.memory.labels.to(device), data.num_classes, cfg.monitor.k, cfg.monitor.temperature
     )
     return topk_accuracy(scores, data.test.labels.to(device))[0]
 

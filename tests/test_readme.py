@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def test_pretrain_on_cifar10_subset(workdir: Path) -> None:
         "data.limit_test=1000",
         "epochs=2",
         "logger=none",
-        "eval.every=1",
+        "monitor.every=1",
         cwd=workdir,
         timeout=900,
     )
@@ -81,15 +82,15 @@ def test_ruff_clean() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def readme_train_commands() -> list[list[str]]:
-    """The arguments of every `... -m ssl_lab.train ARGS` line in the README's bash blocks."""
+def readme_module_commands(module: str = "ssl_lab.train") -> list[list[str]]:
+    """The arguments of every `... -m <module> ARGS` line in the README's bash blocks."""
     text = (ROOT / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0]
-            if "ssl_lab.train" in line:
-                commands.append(line.split("ssl_lab.train", 1)[1].split())
+            if f"-m {module}" in line:
+                commands.append(shlex.split(line.split(f"-m {module}", 1)[1].split("&&")[0]))
     return commands
 
 
@@ -100,9 +101,28 @@ def test_every_readme_train_command_composes() -> None:
 
     from ssl_lab.config import check_config
 
-    commands = readme_train_commands()
+    commands = readme_module_commands()
     assert len(commands) >= 15
     for args in commands:
-        overrides = [a.split(",")[0] if "(" not in a else a for a in args if a != "-m" and "<" not in a]
+        overrides = [
+            a.split(",")[0] if "(" not in a and "[" not in a else a
+            for a in args
+            if a != "-m" and "<" not in a
+        ]
         cfg = compose_cfg(overrides)
         check_config(cfg)
+        if cfg.eval_after:
+            from ssl_lab.eval.run import eval_after_configs
+
+            eval_after_configs(cfg, Path("run/final.pt"))
+
+
+def test_every_readme_eval_command_composes() -> None:
+    from ssl_lab.config import check_config
+    from ssl_lab.eval.run import compose_eval
+
+    commands = readme_module_commands("ssl_lab.eval")
+    assert len(commands) >= 4
+    for args in commands:
+        overrides = [a.split(",")[0] for a in args if a != "-m" and "<" not in a]
+        check_config(compose_eval(overrides))

@@ -3,14 +3,13 @@ that leaves the others' results, the Optuna search, the SLURM launcher config, t
 
 import csv
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import FAST, ROOT, compose_cfg, run_cli
+from conftest import FAST, ROOT, compose_cfg, run_cli, wandb_records
 
 from ssl_lab.loggers import read_metrics
 
@@ -23,27 +22,8 @@ def sweep_dir(workdir: Path) -> Path:
 
 
 def wandb_run_record(run_dir: Path):
-    """The `run` record of the offline W&B run in `run_dir`, read from the .wandb file with wandb's own
-    protobuf schema (the file is a LevelDB-style log: 7-byte header, then 32 KiB blocks of chunks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    data, pos, pending = path.read_bytes(), 7, b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer
-            pos += 32768 - pos % 32768
-            continue
-        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
-        pending += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a whole record, or the last chunk of one
-            record = pb.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            if record.WhichOneof("record_type") == "run":
-                return record.run
-    raise AssertionError(f"no run record in {path}")
+    """The `run` record of the offline W&B run in `run_dir`."""
+    return next(wandb_records(run_dir, "run"))
 
 
 @pytest.mark.slow

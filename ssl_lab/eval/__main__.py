@@ -1,0 +1,3 @@
+from ssl_lab.eval.run import cli
+
+cli()

@@ -1,0 +1,200 @@
+"""What the evaluation protocols share: the loaded run, frozen features, a supervised training loop
+(SGD with Nesterov momentum and a per-step cosine schedule) and top-1/top-5 on the test split."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ssl_lab import UserError
+from ssl_lab.data.augment import Augment, normalize
+from ssl_lab.data.datasets import DataSplits, ImageSet
+from ssl_lab.data.loader import batches, epoch_order
+from ssl_lab.optim import warmup_cosine
+
+
+@dataclass
+class EvalContext:
+    """A pretrained run, loaded: its model (backbone + heads) and config, the labelled data, the device."""
+
+    model: nn.Module  # the pretraining Method; `model.backbone` is what is evaluated
+    pretrain_config: dict[str, Any]  # the run's resolved config, from the checkpoint
+    data: DataSplits
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    run_dir: Path = Path(".")
+    progress: bool = False
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.model.backbone
+
+    def autocast(self) -> torch.autocast:
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch -> the network's input (the eval transform: no augmentation)."""
+        return self.prepare(
+            normalize(images.to(self.device, non_blocking=True), self.data.mean, self.data.std)
+        )
+
+
+@torch.no_grad()
+def features(
+    backbone: nn.Module,
+    images: ImageSet,
+    mean,
+    std,
+    device: torch.device,
+    batch_size: int = 512,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    num_workers: int = 0,
+) -> torch.Tensor:
+    """Backbone features [N, D] (float32) of every image, in order, with the network in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    for batch, _ in batches(images, torch.arange(len(images)), batch_size, drop_last=False,
+                            num_workers=num_workers):  # fmt: skip
+        x = normalize(batch.to(device, non_blocking=True), mean, std)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out.append(backbone(x).float())
+    backbone.train(was_training)
+    return torch.cat(out)
+
+
+def context_features(ctx: EvalContext, images: ImageSet, batch_size: int) -> torch.Tensor:
+    return features(
+        ctx.backbone, images, ctx.data.mean, ctx.data.std, ctx.device, batch_size,
+        ctx.autocast_dtype, ctx.channels_last, ctx.num_workers,
+    )  # fmt: skip
+
+
+def topk(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy in percent (top-5 is 100 when there are at most 5 classes)."""
+    k = min(5, logits.shape[1])
+    hit = logits.topk(k, dim=1).indices == labels[:, None].to(logits.device)
+    return {
+        "top1": 100.0 * hit[:, 0].float().mean().item(),
+        "top5": 100.0 * hit.any(dim=1).float().mean().item(),
+    }
+
+
+@torch.no_grad()
+def test_accuracy(ctx: EvalContext, net: nn.Module, batch_size: int = 512) -> dict[str, float]:
+    """top1/top5 of `net` (images -> logits) on the test split."""
+    was_training = net.training
+    net.eval()
+    logits = []
+    for images, _ in batches(ctx.data.test, torch.arange(len(ctx.data.test)), batch_size, drop_last=False,
+                             num_workers=ctx.num_workers):  # fmt: skip
+        with ctx.autocast():
+            logits.append(net(ctx.normalize(images)).float())
+    net.train(was_training)
+    return topk(torch.cat(logits), ctx.data.test.labels)
+
+
+def train_augment(ctx: EvalContext, crop_scale=(0.08, 1.0)) -> Augment:
+    """Random resized crop + flip, no colour changes: the augmentation of supervised fine-tuning and
+    of augmented linear probes (SimCLR, solo-learn)."""
+    size = ctx.data.test.image_size if ctx.data.test is not None else ctx.data.train.image_size
+    return Augment(
+        size,
+        crop_scale=crop_scale,
+        jitter_p=0.0,
+        gray_p=0.0,
+        blur_p=0.0,
+        mean=ctx.data.mean,
+        std=ctx.data.std,
+    ).to(ctx.device)
+
+
+def fit(
+    ctx: EvalContext,
+    params: list[nn.Parameter],
+    images: ImageSet,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    epochs: int,
+    batch_size: int,
+    base_lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    augment: Augment | None = None,
+    desc: str = "",
+) -> float:
+    """Train `params` for `epochs` over `images` with SGD (Nesterov), lr = base_lr x batch/256 decayed
+    by a cosine per step; `loss_fn(inputs, labels)` gives the loss of a batch. Returns the last loss."""
+    if epochs < 1:
+        raise UserError(f"eval.epochs={epochs} must be at least 1")
+    batch_size = min(batch_size, len(images))
+    lr = base_lr * batch_size / 256
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    steps_per_epoch = len(images) // batch_size
+    scheduler = warmup_cosine(optimizer, steps_per_epoch, epochs, warmup_epochs=0)
+    generator = torch.Generator(ctx.device).manual_seed(ctx.seed + 1)
+    step, loss = 0, torch.zeros(())
+    bar = tqdm(
+        total=epochs * steps_per_epoch, desc=desc, disable=not ctx.progress, leave=False,
+        mininterval=0.5 if sys.stderr.isatty() else 30,
+    )  # fmt: skip
+    for epoch in range(epochs):
+        order = epoch_order(len(images), ctx.seed, epoch)
+        for uint8, labels in batches(images, order, batch_size, drop_last=True, num_workers=ctx.num_workers,
+                                     pin_memory=ctx.device.type == "cuda"):  # fmt: skip
+            scheduler.step_update(step)
+            uint8 = uint8.to(ctx.device, non_blocking=True)
+            x = ctx.prepare(augment(uint8, generator)) if augment is not None else ctx.normalize(uint8)
+            if labels is not None:
+                labels = labels.to(ctx.device, non_blocking=True)
+            with ctx.autocast():
+                loss = loss_fn(x, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update()
+    bar.close()
+    loss = loss.item()
+    if not math.isfinite(loss):
+        raise UserError(f"{desc}: the loss became NaN/inf; lower eval.base_lr")
+    return loss
+
+
+def frozen_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def check_unchanged(module: nn.Module, before: dict[str, torch.Tensor], what: str) -> None:
+    """The frozen-backbone check: every parameter and buffer (batch-norm statistics too) as before."""
+    changed = [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+    if changed:
+        raise RuntimeError(f"{what} changed during evaluation ({', '.join(changed[:3])}, ...): not frozen")
+
+
+def copy_backbone(ctx: EvalContext) -> nn.Module:
+    """A trainable copy of the pretrained backbone (the checkpoint's model stays as loaded)."""
+    return copy.deepcopy(ctx.backbone).to(ctx.device)
+
+
+def percent(fraction: float) -> str:
+    """0.01 -> '1pct', 0.1 -> '10pct', 0.005 -> '0.5pct': the label fraction in metric and file names."""
+    return f"{fraction * 100:g}pct"

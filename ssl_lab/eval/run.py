@@ -1,0 +1,192 @@
+"""The evaluation runner: checkpoint -> backbone -> protocol -> console, eval.json, metrics.jsonl, W&B.
+
+    python -m ssl_lab.eval checkpoint=outputs/simclr-synthetic/2026-11-25_10-00-00 eval=linear
+
+`evaluate(cfg)` does the work and is what tests call; the pretraining runner calls `evaluate_after`
+for `eval_after=[...]`. Results of every protocol land in the pretraining run's own directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue
+
+from ssl_lab import UserError, checkpoint
+from ssl_lab.config import CONF_DIR, check_command_line, check_config, fail, one_line, register_resolvers
+from ssl_lab.data.datasets import DataSplits
+from ssl_lab.eval.common import EvalContext
+from ssl_lab.loggers import RunLogger
+from ssl_lab.train import PRECISIONS, USER_FACING, exit_status, pick_device, user_message, write_json
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A .pt file, or a run dir: its final.pt, else its last.pt."""
+    path = Path(str(path)).expanduser()
+    if path.is_dir():
+        found = next((path / n for n in ("final.pt", "last.pt") if (path / n).exists()), None)
+        if found is None:
+            raise UserError(
+                f"checkpoint={path} holds no final.pt or last.pt; pass a pretraining run dir or .pt file"
+            )
+        return found
+    if not path.exists():
+        raise UserError(
+            f"checkpoint={path} does not exist; pass a pretraining run dir or its final.pt/last.pt"
+        )
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = checkpoint.load(path)
+    except Exception as e:  # not a torch file, truncated, ...
+        raise UserError(
+            f"cannot read checkpoint {path} ({type(e).__name__}); pass an ssl_lab final.pt or last.pt"
+        ) from None
+    if not isinstance(state, dict) or not {"model", "config"} <= state.keys():
+        raise UserError(
+            f"{path} is not an ssl_lab pretraining checkpoint (no model/config); pass final.pt or last.pt"
+        )
+    return state
+
+
+def load_context(cfg: DictConfig, path: Path, state: dict[str, Any], data: DataSplits | None) -> EvalContext:
+    pretrain = state["config"]
+    device = pick_device(cfg.trainer.device)
+    torch.manual_seed(cfg.seed)
+    if data is None:
+        data_cfg = cfg.data if cfg.get("data") is not None else pretrain["data"]
+        data = instantiate(data_cfg, num_workers=cfg.trainer.num_workers)
+    if data.memory is None or data.test is None:
+        raise UserError(
+            f"eval={cfg.eval.name} needs labelled train and test images, and data={pretrain['data']['name']} "
+            "has none; choose a labelled data set, e.g. data=cifar10"
+        )
+    model = instantiate(pretrain["method"], backbone=instantiate(pretrain["backbone"]))
+    model.load_state_dict(state["model"])
+    model = model.to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return EvalContext(
+        model=model, pretrain_config=pretrain, data=data, device=device,
+        autocast_dtype=PRECISIONS[str(cfg.trainer.precision)], channels_last=cfg.trainer.channels_last,
+        num_workers=cfg.trainer.num_workers, seed=cfg.seed, run_dir=path.parent, progress=cfg.trainer.progress,
+    )  # fmt: skip
+
+
+def evaluate(
+    cfg: DictConfig, logger: RunLogger | None = None, data: DataSplits | None = None
+) -> dict[str, float]:
+    """Run the protocol `cfg.eval` on `cfg.checkpoint`; returns its metrics (eval/<protocol>_top1, ...)."""
+    check_config(cfg)
+    path = find_checkpoint(cfg.checkpoint)
+    state = load_checkpoint(path)
+    ctx = load_context(cfg, path, state, data)
+    data_name = cfg.data.name if cfg.get("data") is not None else state["config"]["data"]["name"]
+    print(
+        f"eval={cfg.eval.name} on {path} (epoch {state.get('epoch')}, step {state.get('step')}), data={data_name}: "
+        f"{len(ctx.data.memory)} labelled train / {len(ctx.data.test)} test images",
+        flush=True,
+    )
+    settings = OmegaConf.to_container(cfg.eval, resolve=True)
+    protocol = hydra.utils.get_method(settings["_target_"])
+    start = time.perf_counter()
+    metrics = protocol(ctx, **{k: v for k, v in settings.items() if k not in ("_target_", "name")})
+    seconds = time.perf_counter() - start
+
+    key = next(iter(metrics)).removeprefix("eval/").rsplit("_", 1)[0]  # knn, linear, finetune_10pct, ...
+    record = {
+        "metrics": metrics, "settings": settings, "checkpoint": str(path), "epoch": state.get("epoch"),
+        "step": state.get("step"), "data": data_name, "seconds": round(seconds, 1),
+        "time": datetime.now().isoformat(timespec="seconds"),
+    }  # fmt: skip
+    results_path = path.parent / "eval.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    write_json(results_path, {**results, key: record})
+
+    own_logger = logger is None
+    if own_logger:
+        run_id = state.get("wandb_id")
+        logger = RunLogger(path.parent, logger_config(cfg, state), {"eval": {key: settings}}, run_id, True)
+    try:
+        logger.log(metrics, step=state.get("step") or 0)
+    finally:
+        if own_logger:
+            logger.finish()
+    for name, value in metrics.items():
+        print(f"  {name:34s} {value:8.2f}" if isinstance(value, float) else f"  {name:34s} {value:8d}")
+    print(f"  {seconds:.1f} s; saved in {results_path}", flush=True)
+    return metrics
+
+
+def logger_config(cfg: DictConfig, state: dict[str, Any]) -> DictConfig:
+    """W&B: the pretraining run's own project, name and group (its id comes from the checkpoint), so
+    eval/... metrics join its charts; the mode (offline/online/disabled) is this command's."""
+    pretrain = state["config"].get("logger", {})
+    if cfg.logger.name != "wandb" or pretrain.get("name") != "wandb":
+        return cfg.logger
+    return OmegaConf.merge(cfg.logger, {k: v for k, v in pretrain.items() if k != "mode"})
+
+
+def compose_eval(overrides: list[str]) -> DictConfig:
+    """conf/eval.yaml with these overrides (inside a running Hydra app too)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    if GlobalHydra.instance().is_initialized():
+        return compose("eval", overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("eval", overrides=overrides)
+
+
+def eval_after_configs(cfg: DictConfig, checkpoint_path: Path) -> list[DictConfig]:
+    """The configs of `eval_after=[knn, "linear eval.epochs=50", ...]` (each entry: a protocol and its
+    overrides), composed before pretraining starts so that a typo fails at once, not after hours."""
+    configs = []
+    for entry in cfg.eval_after or []:
+        name, *overrides = str(entry).split()  # the name itself is checked by check_config
+        try:
+            ecfg = compose_eval([f"eval={name}", f"checkpoint={checkpoint_path}", *overrides])
+        except Exception as e:
+            raise UserError(f"eval_after entry {str(entry)!r}: {one_line(str(e))}") from None
+        with open_dict(ecfg):  # the pretraining run's device, precision and seed
+            ecfg.trainer, ecfg.seed = cfg.trainer, cfg.seed
+        check_config(ecfg)
+        configs.append(ecfg)
+    return configs
+
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = evaluate(cfg)
+    except USER_FACING as e:
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(exit_status(e))
+    return next(iter(metrics.values()))  # top-1, for sweepers
+
+
+def cli() -> None:
+    cfg = check_command_line(sys.argv[1:], config_name="eval")
+    if cfg is not None:
+        try:
+            find_checkpoint(cfg.checkpoint)
+        except MissingMandatoryValue:
+            fail("checkpoint is missing: add checkpoint=<pretraining run dir or its final.pt>")
+        except UserError as e:
+            fail(str(e))
+    main()
