@@ -78,6 +78,13 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "knn_top1_final": knn[-1][1] if knn else None,
         "knn_top1_best": max((v for _, v in knn if v is not None and math.isfinite(v)), default=None),
         "knn_top1_init": knn[0][1] if knn else None,
+        # top-1 of each evaluation protocol run on it (eval_after or python -m ssl_lab.eval); the latest
+        "eval": {
+            k: number(v)
+            for m in metrics
+            for k, v in m.items()
+            if k.startswith("eval/") and k.endswith("_top1")
+        },
         # The curves for the figure: (x, y) pairs with both known.
         "loss_curve": [(x, y) for x, y in loss if x is not None and y is not None],
         "knn_curve": [(x, y) for x, y in knn if x is not None and y is not None],
@@ -126,15 +133,28 @@ def fmt(value: float | None, decimals: int) -> str:
     return "–" if value is None else f"{value:.{decimals}f}"
 
 
+def eval_keys(rows: list[dict[str, Any]]) -> list[str]:
+    return sorted({k for r in rows for k in r["eval"]})
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     keys = override_keys(rows, varying_only=True)
+    evals = eval_keys(rows)
     errors = any(r["error"] for r in rows)
-    header = ["job", *map(column, keys), "status", *(h for _, h, _ in MD_NUMBERS), *(["error"] * errors)]
-    align = ["---"] * (len(keys) + 2) + ["---:"] * len(MD_NUMBERS) + ["---"] * errors
+    header = [
+        "job",
+        *map(column, keys),
+        "status",
+        *(h for _, h, _ in MD_NUMBERS),
+        *evals,
+        *(["error"] * errors),
+    ]
+    align = ["---"] * (len(keys) + 2) + ["---:"] * (len(MD_NUMBERS) + len(evals)) + ["---"] * errors
     lines = [header, align]
     for r in rows:
         cells = [r["job"], *(r["params"].get(k, "") for k in keys), r["status"]]
-        cells += [fmt(r[key], d) for key, _, d in MD_NUMBERS] + [r["error"]] * errors
+        cells += [fmt(r[key], d) for key, _, d in MD_NUMBERS] + [fmt(r["eval"].get(k), 2) for k in evals]
+        cells += [r["error"]] * errors
         lines.append(cells)
     table = ["| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |" for cells in lines]
     counts = Counter(r["status"] for r in rows)
@@ -145,13 +165,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys = override_keys(rows, varying_only=False)
-    fields = ["job", *map(column, keys), "status", *(key for key, _, _ in NUMBERS), "error"]
+    evals = eval_keys(rows)
+    fields = ["job", *map(column, keys), "status", *(key for key, _, _ in NUMBERS), *evals, "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
             values = {column(k): r["params"].get(k, "") for k in keys}
             values |= {key: "" if r[key] is None else r[key] for key, _, _ in NUMBERS}
+            values |= {key: "" if r["eval"].get(key) is None else r["eval"][key] for key in evals}
             writer.writerow({"job": r["job"], "status": r["status"], "error": r["error"], **values})
 
 

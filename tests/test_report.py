@@ -155,3 +155,14 @@ def test_bad_dir_is_one_error_line(tmp_path: Path, case: str) -> None:
     assert len(err) == 1 and err[0].startswith("error: ")
     assert ("does not exist" if case == "missing" else "no runs") in err[0]
     assert not list(tmp_path.rglob("report.*"))
+
+
+def test_eval_results_get_a_column(tmp_path: Path) -> None:
+    sweep = make_sweep(tmp_path)
+    with open(sweep / "1" / "metrics.jsonl", "a") as f:  # as eval_after / python -m ssl_lab.eval append them
+        f.write(json.dumps({"step": 20, "eval/linear_top1": 41.5, "eval/linear_top5": 90.0}) + "\n")
+    write_report(collect(sweep), sweep)
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert [r["eval/linear_top1"] for r in rows] == ["", "41.5", "", ""]
+    assert "eval/linear_top5" not in rows[0]
+    assert "| eval/linear_top1 |" in (sweep / "report.md").read_text()
