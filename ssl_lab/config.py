@@ -60,7 +60,10 @@ POSITIVE = (
     "eval.batch_size",
 )
 _ABSENT = object()
-CHOICES = {"trainer.precision": ("32", "bf16", "16"), "logger.mode": ("offline", "online", "disabled")}
+CHOICES = {
+    "trainer.precision": ("auto", "32", "bf16", "16"),
+    "logger.mode": ("offline", "online", "disabled"),
+}
 
 
 def check_config(cfg: DictConfig) -> None:

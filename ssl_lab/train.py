@@ -45,6 +45,14 @@ from ssl_lab.optim import build_optimizer
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
+def precision_dtype(precision: str | int, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of trainer.precision; `auto` is bf16 on GPUs that support it and 32-bit on
+    CPUs, where bf16's gain depends on the processor (benchmarks/README.md)."""
+    if str(precision) == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return PRECISIONS[str(precision)]
+
+
 class TrainingDiverged(Exception):
     """The loss became NaN or inf."""
 
@@ -106,7 +114,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     elif own_dir != run_dir:  # the placeholder Hydra made for this rank (config._run_dir)
         with contextlib.suppress(OSError):
             own_dir.rmdir()
-    autocast_dtype = PRECISIONS[str(cfg.trainer.precision)]
+    autocast_dtype = precision_dtype(cfg.trainer.precision, device)
     eval_after = []  # composed now, so that a typo in eval_after fails before training, not after
     if main_process and cfg.eval_after:
         # imported here: ssl_lab.eval.run imports this module

@@ -132,3 +132,15 @@ def test_conf_mirrors_code() -> None:
             assert callable(hydra.utils.get_object(target)), target
             assert target.split(".")[0] in ("ssl_lab", "torch", "timm"), (path, target)
     assert Path(CONF / "experiment").resolve() == (CONF.parent / "experiments").resolve()
+
+
+def test_precision_auto_is_bf16_on_gpus_and_32_bit_on_cpus(monkeypatch) -> None:
+    from ssl_lab.train import precision_dtype
+
+    assert precision_dtype("auto", torch.device("cpu")) is None
+    assert precision_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision_dtype("auto", torch.device("cuda")) is None
+    assert precision_dtype(32, torch.device("cuda")) is None

@@ -43,7 +43,7 @@ def test_bad_input_on_the_command_line(args: list[str], fragments: list[str], wo
         (["optimizer=lamb"], "unknown optimizer 'lamb'; choose one of: adam, lars, sgd"),
         (["epochs=1.5"], r"epochs=1.5 should be int \(got float\)"),
         (["optimizer.base_lr=fast"], "optimizer.base_lr='fast' should be int or float"),
-        (["trainer.precision=fp8"], "trainer.precision=fp8 is not one of 32, bf16, 16"),
+        (["trainer.precision=fp8"], "trainer.precision=fp8 is not one of auto, 32, bf16, 16"),
         (
             ["backbone=timm", "backbone.name=resnet_does_not_exist"],
             "timm has no model named 'resnet_does_not_exist'",

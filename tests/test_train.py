@@ -48,7 +48,7 @@ def test_train_in_process(method: str, tmp_path: Path) -> None:
     "switches",
     [
         ["trainer.precision=bf16", "trainer.channels_last=true"],
-        ["trainer.precision=16", "trainer.grad_clip=1.0"],
+        ["trainer.precision=16", "trainer.grad_clip=1.0", "trainer.channels_last=false"],
         ["method=nnclr", "optimizer=lars", "scheduler=constant", "augment=simclr_imagenet"],
         pytest.param(["trainer.compile=true"], marks=pytest.mark.slow),
     ],

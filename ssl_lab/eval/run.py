@@ -26,7 +26,7 @@ from ssl_lab.config import CONF_DIR, check_command_line, check_config, fail, one
 from ssl_lab.data.datasets import DataSplits
 from ssl_lab.eval.common import EvalContext
 from ssl_lab.loggers import RunLogger
-from ssl_lab.train import PRECISIONS, USER_FACING, exit_status, pick_device, user_message, write_json
+from ssl_lab.train import USER_FACING, exit_status, pick_device, precision_dtype, user_message, write_json
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -79,7 +79,7 @@ def load_context(cfg: DictConfig, path: Path, state: dict[str, Any], data: DataS
         model = model.to(memory_format=torch.channels_last)
     return EvalContext(
         model=model, pretrain_config=pretrain, data=data, device=device,
-        autocast_dtype=PRECISIONS[str(cfg.trainer.precision)], channels_last=cfg.trainer.channels_last,
+        autocast_dtype=precision_dtype(cfg.trainer.precision, device), channels_last=cfg.trainer.channels_last,
         num_workers=cfg.trainer.num_workers, seed=cfg.seed, run_dir=path.parent, progress=cfg.trainer.progress,
     )  # fmt: skip
 

@@ -1,0 +1,279 @@
+"""Training speed in one run, on one model: ssl_lab's step, its parts, and lightly's per-sample PIL way.
+
+    python -m ssl_lab.bench                                 # ResNet-18 (ImageNet stem) at 32 px, batch 256
+    python -m ssl_lab.bench trainer.channels_last=true      # any Hydra override of the train config
+    python -m ssl_lab.bench backbone=resnet_tiny batch_size=128
+    python -m ssl_lab.bench --steps 5 --variants            # also channels_last / bf16 / torch.compile
+    python -m ssl_lab.bench trainer.device=cuda             # on a GPU (timings synchronise CUDA)
+
+Everything is built as the runner builds it (ssl_lab.train.train) from the composed train config.
+img/s counts source images per second; each gives two augmented views. Figures are medians of
+`--steps` timed steps after `--warmup` ones, the pipelines taking turns (in brackets: the range over
+steps; a wide one says the run was disturbed); the reference's are means, as its workers deliver
+batches in bursts. Timings on shared machines are noisy: compare the figures of one run, not of
+different runs. benchmarks/README.md explains the figures and records measured ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from PIL import Image
+
+from ssl_lab import UserError
+from ssl_lab.config import CONF_DIR, check_command_line, check_config, register_resolvers
+from ssl_lab.data.augment import Augment
+from ssl_lab.data.loader import batches, epoch_order
+from ssl_lab.optim import build_optimizer
+from ssl_lab.train import optimization_step, pick_device, precision_dtype, two_views
+
+# The speed goal's setting (benchmarks/README.md). The ImageNet stem: with the CIFAR stem (the runner's
+# default at 32 px) ResNet-18's step runs at ~18 img/s on 2 CPU cores, not ~350, 15 s per 256 batch.
+DEFAULTS = {
+    "backbone": "resnet18",
+    "backbone.cifar_stem": "false",
+    "batch_size": "256",
+    "data": "synthetic",
+    "logger": "none",
+}
+VARIANTS = {  # model settings compared by --variants
+    "contiguous fp32": ["trainer.channels_last=false", "trainer.precision=32"],
+    "channels_last fp32": ["trainer.channels_last=true", "trainer.precision=32"],
+    "contiguous bf16": ["trainer.channels_last=false", "trainer.precision=bf16"],
+    "channels_last bf16": ["trainer.channels_last=true", "trainer.precision=bf16"],
+}
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The train config with the bench's defaults, unless the command line sets the same key
+    (choosing a backbone drops the default's backbone.* keys)."""
+    given = {o.lstrip("+~").partition("=")[0] for o in overrides}
+    defaults = [
+        f"{k}={v}"
+        for k, v in DEFAULTS.items()
+        if k not in given and not (k.startswith("backbone.") and "backbone" in given)
+    ]
+    check_command_line(defaults + overrides)  # a bad override: one line and exit status 2
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=defaults + overrides)
+    check_config(cfg)
+    return cfg
+
+
+def build_step(cfg: DictConfig, device: torch.device) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+    """The runner's optimisation step of a new model, built as ssl_lab.train.train builds it."""
+    torch.manual_seed(cfg.seed)
+    model = instantiate(cfg.method, backbone=instantiate(cfg.backbone)).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.batch_size)
+    dtype = precision_dtype(cfg.trainer.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    training_step = torch.compile(model.training_step) if cfg.trainer.compile else model.training_step
+    return lambda views: optimization_step(
+        training_step, views, optimizer, scaler, dtype, cfg.trainer.grad_clip
+    )
+
+
+def timed(
+    fns: dict[str, Callable[[], object]], steps: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of each call after `warmup` rounds. The functions take turns, so that a disturbance
+    on a shared machine slows all of them alike and their ratios hold."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + steps):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(
+    name: str, batch_size: int, seconds: list[float], note: str = "", pipelined: bool = False
+) -> float:
+    """Prints img/s of the median step, and the range over steps (a wide one says the run was disturbed).
+    Batches from DataLoader workers arrive in bursts (both workers finish at once): there, the mean."""
+    if pipelined:
+        rate, spread = batch_size / statistics.fmean(seconds), "(mean)"
+    else:
+        rate = batch_size / statistics.median(seconds)
+        spread = f"({batch_size / max(seconds):.0f}-{batch_size / min(seconds):.0f})"
+    print(f"  {name:30s} {rate:7.0f} img/s {spread:>12s}{note}", flush=True)
+    return rate
+
+
+class PerSampleViews(torch.utils.data.Dataset):
+    """lightly's examples' way: each image to PIL, torchvision transforms twice, in DataLoader workers."""
+
+    def __init__(self, images: torch.Tensor, augment: Augment) -> None:
+        from torchvision import transforms as T
+
+        self.images, a = images, augment
+        ops = [
+            T.RandomResizedCrop(a.size, scale=a.crop_scale, ratio=a.crop_ratio),
+            T.RandomHorizontalFlip(a.flip_p),
+            T.RandomApply([T.ColorJitter(*a.jitter)], p=a.jitter_p),
+            T.RandomGrayscale(a.gray_p),
+        ]
+        if a.blur_p:
+            ops.append(T.RandomApply([T.GaussianBlur(a.blur_kernel, a.blur_sigma)], p=a.blur_p))
+        self.transform = T.Compose([*ops, T.ToTensor(), T.Normalize(a.mean, a.std)])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
+        return self.transform(image), self.transform(image)
+
+
+def forever(epoch: Callable[[int], Iterator]) -> Iterator:
+    return itertools.chain.from_iterable(map(epoch, itertools.count()))
+
+
+def measure(cfg: DictConfig, steps: int, warmup: int, workers: int) -> dict[str, list[float]]:
+    """Seconds per step of the four pipelines (and the reference's data path), all on one model."""
+    device, b = pick_device(cfg.trainer.device), cfg.batch_size
+    channels_last = cfg.trainer.channels_last
+    data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
+    if data.train.images is None:
+        raise UserError(f"data={cfg.data.name} is decoded from files; the bench needs one held in memory")
+    augment = instantiate(cfg.augment).to(device)
+    step = build_step(cfg, device)
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    loader = forever(
+        lambda epoch: batches(
+            data.train, epoch_order(len(data.train), cfg.seed, epoch), b, drop_last=True,
+            num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda",
+        )
+    )  # fmt: skip
+    images = next(loader)[0].to(device)
+    fixed = two_views(augment, images, b, rng, channels_last=channels_last)
+
+    def full_step() -> None:
+        images = next(loader)[0].to(device, non_blocking=True)
+        step(two_views(augment, images, b, rng, channels_last=channels_last))
+
+    reference = torch.utils.data.DataLoader(
+        PerSampleViews(data.train.images, augment), batch_size=b, shuffle=True, drop_last=True,
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    views = forever(lambda _: iter(reference))
+
+    def reference_step() -> None:
+        view0, view1 = (v.to(device, non_blocking=True) for v in next(views))
+        if channels_last:
+            view0, view1 = (v.contiguous(memory_format=torch.channels_last) for v in (view0, view1))
+        step([view0, view1])
+
+    # The in-process pipelines take turns step by step. The reference cannot (its workers would prepare
+    # batches while the others run), so it takes turns with them block by block: each block first passes
+    # the batches its workers prefetched meanwhile (prefetch_factor 2), then times whole turns of them.
+    settle, turn = warmup + 2 * workers, max(1, workers)
+    blocks = (
+        ({"augment alone": lambda: two_views(augment, images, b, rng, channels_last=channels_last),
+          "model step alone": lambda: step(fixed), "full ssl_lab step": full_step}, warmup, 1),
+        ({"reference data path alone": lambda: next(views)}, settle, turn),
+        ({"reference (per-sample PIL)": reference_step}, settle, turn),
+    )  # fmt: skip
+    times: dict[str, list[float]] = {}
+    rounds = min(2, steps)  # a slow spell of the (virtual) machine then hits both sides
+    for r in range(rounds):
+        n = steps // rounds + (r < steps % rounds)
+        for fns, skip, k in blocks:
+            for name, t in timed(fns, -(-n // k) * k, skip, device).items():
+                times.setdefault(name, []).extend(t)
+    return times
+
+
+def compare_variants(overrides: list[str], steps: int, warmup: int, compile_too: bool) -> None:
+    """The model step alone under each of VARIANTS (fresh models, taking turns), then the fastest
+    of them compiled against itself uncompiled."""
+    cfgs = {
+        name: compose_config([*overrides, *extra, "trainer.compile=false"])
+        for name, extra in VARIANTS.items()
+    }
+    cfg = next(iter(cfgs.values()))
+    device, b, size = pick_device(cfg.trainer.device), cfg.batch_size, cfg.data.image_size
+    augment = instantiate(cfg.augment).to(device)
+    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device)
+    views = two_views(augment, images, b, torch.Generator(device).manual_seed(0))
+
+    def step_of(cfg: DictConfig) -> Callable[[], object]:
+        step = build_step(cfg, device)
+        layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+        own_views = [v.contiguous(memory_format=layout) for v in views]
+        return lambda: step(own_views)
+
+    print("model step alone by setting (fresh model each, taking turns):")
+    times = timed({name: step_of(c) for name, c in cfgs.items()}, steps, warmup, device)
+    rates = {name: b / statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        report(name, b, t, f"  {rates[name] / rates['contiguous fp32']:5.2f}x")
+    if compile_too:
+        best = max(rates, key=rates.get)
+        compiled = step_of(compose_config([*overrides, *VARIANTS[best], "trainer.compile=true"]))
+        first = timed({"first": compiled}, 1, 0, device)["first"][0]
+        times = timed({best: step_of(cfgs[best]), "compiled": compiled}, steps, warmup, device)
+        eager, rate = (b / statistics.median(times[k]) for k in (best, "compiled"))
+        report(f"compile + {best}", b, times["compiled"], f"  {rate / eager:5.2f}x uncompiled, in turn with it "
+               f"({eager:.0f} img/s); compiling took {first:.0f} s (not counted)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], usage="%(prog)s [options] [overrides]"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of the train config, e.g. batch_size=128"
+    )
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per figure (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
+    parser.add_argument("--variants", action="store_true", help="compare model settings of the model step")
+    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of --variants")
+    args = parser.parse_intermixed_args(argv)
+    cfg = compose_config(args.overrides)
+    device, t = pick_device(cfg.trainer.device), cfg.trainer
+    stem = {True: " (CIFAR stem: 3x3/1 conv, no max-pool)", False: " (ImageNet stem: 7x7/2 conv + max-pool)"}
+    stem = stem.get(cfg.backbone.get("cifar_stem"), "")
+    print(f"ssl_lab.bench: torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
+    print(f"  {cfg.method.name} + {cfg.backbone.name}{stem}, {cfg.data.image_size}x{cfg.data.image_size} px, "
+          f"batch {cfg.batch_size}, data={cfg.data.name}, optimizer {cfg.optimizer._target_.split('.')[-1]}")  # fmt: skip
+    print(f"  trainer: channels_last={t.channels_last} precision={t.precision} compile={t.compile}")
+    print(f"  img/s = source images/s (2 views each): median of {args.steps} steps after {args.warmup} "
+          "warm-up (range over steps)")  # fmt: skip
+    rates = {}
+    for name, seconds in measure(cfg, args.steps, args.warmup, args.workers).items():
+        reference = name.startswith("reference")
+        note = f"  {args.workers} workers" if reference else ""
+        rates[name] = report(name, cfg.batch_size, seconds, note, pipelined=reference)
+    full = rates["full ssl_lab step"]
+    print(f"  full / model step alone        {full / rates['model step alone']:7.2f}")
+    print(f"  full / reference               {full / rates['reference (per-sample PIL)']:7.2f}x")
+    if args.variants:
+        compare_variants(args.overrides, args.steps, args.warmup, not args.no_compile)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
