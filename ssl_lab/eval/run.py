@@ -60,6 +60,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def data_name(cfg: DictConfig, state: dict[str, Any]) -> str:
+    """The data set evaluated on: data=... of this command, else the pretraining run's."""
+    return cfg.data.name if cfg.get("data") is not None else state["config"]["data"]["name"]
+
+
 def load_context(cfg: DictConfig, path: Path, state: dict[str, Any], data: DataSplits | None) -> EvalContext:
     pretrain = state["config"]
     device = pick_device(cfg.trainer.device)
@@ -69,7 +74,7 @@ def load_context(cfg: DictConfig, path: Path, state: dict[str, Any], data: DataS
         data = instantiate(data_cfg, num_workers=cfg.trainer.num_workers)
     if data.memory is None or data.test is None:
         raise UserError(
-            f"eval={cfg.eval.name} needs labelled train and test images, and data={pretrain['data']['name']} "
+            f"eval={cfg.eval.name} needs labelled train and test images, and data={data_name(cfg, state)} "
             "has none; choose a labelled data set, e.g. data=cifar10"
         )
     model = instantiate(pretrain["method"], backbone=instantiate(pretrain["backbone"]))
@@ -92,9 +97,9 @@ def evaluate(
     path = find_checkpoint(cfg.checkpoint)
     state = load_checkpoint(path)
     ctx = load_context(cfg, path, state, data)
-    data_name = cfg.data.name if cfg.get("data") is not None else state["config"]["data"]["name"]
     print(
-        f"eval={cfg.eval.name} on {path} (epoch {state.get('epoch')}, step {state.get('step')}), data={data_name}: "
+        f"eval={cfg.eval.name} on {path} (epoch {state.get('epoch')}, step {state.get('step')}), "
+        f"data={data_name(cfg, state)}: "
         f"{len(ctx.data.memory)} labelled train / {len(ctx.data.test)} test images",
         flush=True,
     )
@@ -107,7 +112,7 @@ def evaluate(
     key = next(iter(metrics)).removeprefix("eval/").rsplit("_", 1)[0]  # knn, linear, finetune_10pct, ...
     record = {
         "metrics": metrics, "settings": settings, "checkpoint": str(path), "epoch": state.get("epoch"),
-        "step": state.get("step"), "data": data_name, "seconds": round(seconds, 1),
+        "step": state.get("step"), "data": data_name(cfg, state), "seconds": round(seconds, 1),
         "time": datetime.now().isoformat(timespec="seconds"),
     }  # fmt: skip
     results_path = path.parent / "eval.json"
