@@ -98,7 +98,8 @@ def evaluate(
             train_x, train_y, ctx.data.num_classes, epochs, batch_size, base_lr, weight_decay, ctx.seed
         )
         test_x = context_features(ctx, ctx.data.test, feature_batch_size)
-        result = topk(classifier(test_x), ctx.data.test.labels)
+        with torch.no_grad():
+            result = topk(classifier(test_x), ctx.data.test.labels)
     else:  # features of random crops + flips through the frozen network, every step
         classifier = linear_classifier(train_x, ctx.data.num_classes)
         backbone.eval()
