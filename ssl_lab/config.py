@@ -82,9 +82,10 @@ def check_config(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "epochs", default=0) < 0:
         raise UserError(f"epochs={cfg.epochs} must not be negative")
     for entry in OmegaConf.select(cfg, "eval_after", default=None) or []:
-        if not (CONF_DIR / "eval" / f"{str(entry).split()[0]}.yaml").exists():
+        protocol = str(entry).split()[0]
+        if not (CONF_DIR / "eval" / f"{protocol}.yaml").exists():
             options = ", ".join(sorted(p.stem for p in (CONF_DIR / "eval").glob("*.yaml")))
-            raise UserError(f"eval_after: unknown protocol {str(entry).split()[0]!r}; choose from: {options}")
+            raise UserError(f"eval_after: unknown protocol {protocol!r}; choose from: {options}")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and str(value) not in allowed:

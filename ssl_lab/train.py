@@ -37,8 +37,7 @@ from ssl_lab import UserError, checkpoint, distributed
 from ssl_lab.config import check_command_line, check_config, one_line, register_resolvers
 from ssl_lab.data.datasets import DataSplits
 from ssl_lab.data.loader import batches, epoch_order
-from ssl_lab.eval.common import features
-from ssl_lab.eval.knn import knn_predict, topk_accuracy
+from ssl_lab.eval.knn import knn_accuracy
 from ssl_lab.loggers import RunLogger
 from ssl_lab.optim import build_optimizer
 
@@ -413,16 +412,11 @@ def check_finite(nonfinite: torch.Tensor, epoch: int, step: int, run_dir: Path) 
 
 
 def knn_top1(model: torch.nn.Module, data: DataSplits, cfg: DictConfig, device, dtype) -> float:
-    """Weighted kNN top-1 (%) of the backbone's features: the labelled train split is the bank,
-    the test split the queries."""
-    kwargs = dict(mean=data.mean, std=data.std, device=device, batch_size=cfg.monitor.batch_size,
-                  autocast_dtype=dtype, channels_last=cfg.trainer.channels_last,
-                  num_workers=cfg.trainer.num_workers)  # fmt: skip
-    bank, queries = features(model, data.memory, **kwargs), features(model, data.test, **kwargs)
-    scores = knn_predict(
-        queries, bank, data.memory.labels.to(device), data.num_classes, cfg.monitor.k, cfg.monitor.temperature
-    )
-    return topk_accuracy(scores, data.test.labels.to(device))[0]
+    """The kNN monitor: weighted kNN top-1 (%) of the backbone's features (eval=knn's computation)."""
+    return knn_accuracy(
+        model, data, cfg.monitor.k, cfg.monitor.temperature, device=device, batch_size=cfg.monitor.batch_size,
+        autocast_dtype=dtype, channels_last=cfg.trainer.channels_last, num_workers=cfg.trainer.num_workers,
+    )["top1"]  # fmt: skip
 
 
 def load_resume_state(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:

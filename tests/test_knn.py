@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_lab.eval.knn import knn_predict, topk_accuracy
+from ssl_lab.eval.common import topk_accuracy
+from ssl_lab.eval.knn import knn_predict
 
 
 def test_weighted_vote_by_hand() -> None:

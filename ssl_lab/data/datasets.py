@@ -31,6 +31,15 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.images) if self.images is not None else len(self.files)
 
+    def select(self, idx: torch.Tensor) -> ImageSet:
+        """The images (and labels) at `idx`."""
+        return ImageSet(
+            images=self.images[idx] if self.images is not None else None,
+            files=[self.files[i] for i in idx] if self.files is not None else None,
+            labels=self.labels[idx] if self.labels is not None else None,
+            image_size=self.image_size,
+        )
+
 
 @dataclass
 class DataSplits:
@@ -50,14 +59,7 @@ def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
 
 def _limited(images: ImageSet, limit: int | None, seed: int) -> ImageSet:
     idx = _subset(len(images), limit, seed)
-    if idx is None:
-        return images
-    return ImageSet(
-        images=images.images[idx] if images.images is not None else None,
-        files=[images.files[i] for i in idx] if images.files is not None else None,
-        labels=images.labels[idx] if images.labels is not None else None,
-        image_size=images.image_size,
-    )
+    return images if idx is None else images.select(idx)
 
 
 # ----------------------------------------------------------------------------- decoding image files

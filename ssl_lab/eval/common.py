@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.scheduler.scheduler import Scheduler
 from tqdm import tqdm
 
 from ssl_lab import UserError
@@ -47,6 +48,11 @@ class EvalContext:
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def feature_options(self, batch_size: int) -> dict[str, Any]:
+        """The keyword arguments of `features` for this device and these trainer settings."""
+        return dict(device=self.device, batch_size=batch_size, autocast_dtype=self.autocast_dtype,
+                    channels_last=self.channels_last, num_workers=self.num_workers)  # fmt: skip
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 batch -> the network's input (the eval transform: no augmentation)."""
@@ -83,20 +89,31 @@ def features(
 
 
 def context_features(ctx: EvalContext, images: ImageSet, batch_size: int) -> torch.Tensor:
-    return features(
-        ctx.backbone, images, ctx.data.mean, ctx.data.std, ctx.device, batch_size,
-        ctx.autocast_dtype, ctx.channels_last, ctx.num_workers,
-    )  # fmt: skip
+    return features(ctx.backbone, images, ctx.data.mean, ctx.data.std, **ctx.feature_options(batch_size))
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:
+    """Accuracy in percent for each k in topk."""
+    pred = scores.topk(max(topk), dim=1).indices
+    hit = pred == labels[:, None].to(pred.device)
+    return [100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in topk]
 
 
 def topk(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Top-1 and top-5 accuracy in percent (top-5 is 100 when there are at most 5 classes)."""
-    k = min(5, logits.shape[1])
-    hit = logits.topk(k, dim=1).indices == labels[:, None].to(logits.device)
-    return {
-        "top1": 100.0 * hit[:, 0].float().mean().item(),
-        "top5": 100.0 * hit.any(dim=1).float().mean().item(),
-    }
+    top1, top5 = topk_accuracy(logits, labels, (1, min(5, logits.shape[1])))
+    return {"top1": top1, "top5": top5}
+
+
+def sgd_cosine(
+    params, base_lr: float, batch_size: int, weight_decay: float, steps_per_epoch: int, epochs: int
+) -> tuple[torch.optim.Optimizer, Scheduler]:
+    """The protocols' optimiser: SGD with Nesterov momentum 0.9, lr = base_lr x batch/256, decayed to 0
+    by a cosine stepped per iteration (`scheduler.step_update(step)` before each step)."""
+    optimizer = torch.optim.SGD(
+        params, lr=base_lr * batch_size / 256, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    )
+    return optimizer, warmup_cosine(optimizer, steps_per_epoch, epochs, warmup_epochs=0)
 
 
 @torch.no_grad()
@@ -137,19 +154,16 @@ def fit(
     batch_size: int,
     base_lr: float,
     weight_decay: float = 0.0,
-    momentum: float = 0.9,
     augment: Augment | None = None,
     desc: str = "",
 ) -> float:
-    """Train `params` for `epochs` over `images` with SGD (Nesterov), lr = base_lr x batch/256 decayed
-    by a cosine per step; `loss_fn(inputs, labels)` gives the loss of a batch. Returns the last loss."""
+    """Train `params` for `epochs` over `images` with `sgd_cosine`; `loss_fn(inputs, labels)` gives
+    the loss of a batch. Returns the last loss."""
     if epochs < 1:
         raise UserError(f"eval.epochs={epochs} must be at least 1")
     batch_size = min(batch_size, len(images))
-    lr = base_lr * batch_size / 256
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
     steps_per_epoch = len(images) // batch_size
-    scheduler = warmup_cosine(optimizer, steps_per_epoch, epochs, warmup_epochs=0)
+    optimizer, scheduler = sgd_cosine(params, base_lr, batch_size, weight_decay, steps_per_epoch, epochs)
     generator = torch.Generator(ctx.device).manual_seed(ctx.seed + 1)
     step, loss = 0, torch.zeros(())
     bar = tqdm(

@@ -14,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_lab import UserError, checkpoint
-from ssl_lab.data.datasets import ImageSet
 from ssl_lab.eval.common import EvalContext, copy_backbone, fit, percent, test_accuracy, train_augment
 
 
@@ -30,15 +29,6 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.T
         take = max(1, math.floor(fraction * len(members) + 0.5))
         chosen.append(members[torch.randperm(len(members), generator=generator)[:take]])
     return torch.cat(chosen).sort().values
-
-
-def subset(images: ImageSet, idx: torch.Tensor) -> ImageSet:
-    return ImageSet(
-        images=images.images[idx] if images.images is not None else None,
-        files=[images.files[i] for i in idx] if images.files is not None else None,
-        labels=images.labels[idx],
-        image_size=images.image_size,
-    )
 
 
 def classifier(backbone: nn.Module, num_features: int, num_classes: int) -> nn.Sequential:
@@ -57,7 +47,7 @@ def evaluate(
     save: bool = True,
 ) -> dict[str, float]:
     memory = ctx.data.memory
-    labelled = subset(memory, balanced_subset(memory.labels, label_fraction, subset_seed))
+    labelled = memory.select(balanced_subset(memory.labels, label_fraction, subset_seed))
     net = classifier(copy_backbone(ctx), ctx.model.num_features, ctx.data.num_classes).to(ctx.device)
     net = net.to(memory_format=torch.channels_last) if ctx.channels_last else net
     net.train()

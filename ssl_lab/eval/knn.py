@@ -3,10 +3,14 @@ the pretraining run's kNN monitor and `python -m ssl_lab.eval eval=knn`."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from ssl_lab.eval.common import EvalContext, context_features
+from ssl_lab.data.datasets import DataSplits
+from ssl_lab.eval.common import EvalContext, features, topk
 
 
 @torch.no_grad()
@@ -32,18 +36,19 @@ def knn_predict(
     return torch.cat(scores)
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:
-    """Accuracy in percent for each k in topk."""
-    pred = scores.topk(max(topk), dim=1).indices
-    hit = pred == labels[:, None]
-    return [100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in topk]
+def knn_accuracy(
+    backbone: nn.Module, data: DataSplits, k: int, temperature: float, **feature_options: Any
+) -> dict[str, float]:
+    """top1/top5 (%) of the weighted kNN vote on `backbone`'s features: the labelled train split is the
+    bank, the test split the queries. The pretraining run's monitor and eval=knn both compute this;
+    `feature_options` are `features`' (device, batch_size, autocast_dtype, ...)."""
+    bank = features(backbone, data.memory, data.mean, data.std, **feature_options)
+    queries = features(backbone, data.test, data.mean, data.std, **feature_options)
+    scores = knn_predict(queries, bank, data.memory.labels.to(bank.device), data.num_classes, k, temperature)
+    return topk(scores, data.test.labels)
 
 
 def evaluate(ctx: EvalContext, k: int = 200, temperature: float = 0.1, batch_size: int = 512) -> dict:
-    """eval=knn: the labelled train split is the bank, the test split the queries."""
-    bank = context_features(ctx, ctx.data.memory, batch_size)
-    queries = context_features(ctx, ctx.data.test, batch_size)
-    labels = ctx.data.memory.labels.to(ctx.device)
-    scores = knn_predict(queries, bank, labels, ctx.data.num_classes, k, temperature)
-    top1, top5 = topk_accuracy(scores, ctx.data.test.labels.to(ctx.device), (1, min(5, ctx.data.num_classes)))
-    return {"eval/knn_top1": top1, "eval/knn_top5": top5}
+    """eval=knn."""
+    result = knn_accuracy(ctx.backbone, ctx.data, k, temperature, **ctx.feature_options(batch_size))
+    return {"eval/knn_top1": result["top1"], "eval/knn_top5": result["top5"]}

@@ -22,6 +22,7 @@ from ssl_lab.eval.common import (
     context_features,
     fit,
     frozen_state,
+    sgd_cosine,
     test_accuracy,
     topk,
     train_augment,
@@ -61,19 +62,19 @@ def train_linear(
     generator = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, len(train_x))
     steps_per_epoch = len(train_x) // batch_size
-    optimizer = torch.optim.SGD(
-        classifier.parameters(), lr=base_lr * batch_size / 256, momentum=0.9, nesterov=True,
-        weight_decay=weight_decay,
-    )  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    optimizer, scheduler = sgd_cosine(
+        classifier.parameters(), base_lr, batch_size, weight_decay, steps_per_epoch, epochs
+    )
+    step = 0
     for _ in range(epochs):
         order = torch.randperm(len(train_x), generator=generator).to(train_x.device)
         for idx in order[: steps_per_epoch * batch_size].view(steps_per_epoch, batch_size):
+            scheduler.step_update(step)
             loss = F.cross_entropy(classifier(train_x[idx]), train_y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            scheduler.step()
+            step += 1
     return classifier
 
 
