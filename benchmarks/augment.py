@@ -169,7 +169,7 @@ def step_benchmark(args, images: torch.Tensor, mean, std) -> None:
     fixed = [aug(images, gen), aug(images, gen)]
 
     def model_step(views) -> None:
-        loss = model.training_step(*views)["loss"]
+        loss = model.training_step(views)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,7 +1,6 @@
 """ssl_lab: config-driven self-supervised learning (SimCLR, NNCLR)."""
 
+from ssl_lab.errors import UserError
+
 __version__ = "0.1.0"
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, exit status 2, no traceback."""
+__all__ = ["UserError"]

@@ -6,7 +6,8 @@
     python -m ssl_lab.bench --steps 5 --variants            # also channels_last / bf16 / torch.compile
     python -m ssl_lab.bench trainer.device=cuda             # on a GPU (timings synchronise CUDA)
 
-Everything is built as the runner builds it (ssl_lab.train.train) from the composed train config.
+Everything is built by the runner's own builder (ssl_lab/build.py) from the composed train config, so
+the figures are those of the step that trains.
 img/s counts source images per second; each gives two augmented views. Figures are medians of
 `--steps` timed steps after `--warmup` ones, the pipelines taking turns (in brackets: the range over
 steps; a wide one says the run was disturbed); the reference's are means, as its workers deliver
@@ -29,12 +30,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
-from ssl_lab import UserError
+from ssl_lab import build
+from ssl_lab.build import TrainStep, pick_device
 from ssl_lab.config import CONF_DIR, check_command_line, check_config, register_resolvers
 from ssl_lab.data.augment import Augment
 from ssl_lab.data.loader import batches, epoch_order
-from ssl_lab.optim import build_optimizer
-from ssl_lab.train import optimization_step, pick_device, precision_dtype, two_views
+from ssl_lab.errors import UserError
 
 # The speed goal's setting (benchmarks/README.md). The ImageNet stem: with the CIFAR stem (the runner's
 # default at 32 px) ResNet-18's step runs at ~18 img/s on 2 CPU cores, not ~350, 15 s per 256 batch.
@@ -70,19 +71,17 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def build_step(cfg: DictConfig, device: torch.device) -> Callable[[list[torch.Tensor]], torch.Tensor]:
-    """The runner's optimisation step of a new model, built as ssl_lab.train.train builds it."""
+def build_step(cfg: DictConfig, device: torch.device, steps_per_epoch: int = 1) -> TrainStep:
+    """The runner's step of a new model, from the runner's builder."""
     torch.manual_seed(cfg.seed)
-    model = instantiate(cfg.method, backbone=instantiate(cfg.backbone)).to(device)
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.batch_size)
-    dtype = precision_dtype(cfg.trainer.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    training_step = torch.compile(model.training_step) if cfg.trainer.compile else model.training_step
-    return lambda views: optimization_step(
-        training_step, views, optimizer, scaler, dtype, cfg.trainer.grad_clip
-    )
+    model = build.build_model(cfg, device)
+    return build.build_step(cfg, model, instantiate(cfg.augment).to(device), steps_per_epoch)
+
+
+def counted(fn: Callable[[int], object]) -> Callable[[], object]:
+    """`fn(i)` with i = 0, 1, 2, ... on successive calls: the step index the runner passes."""
+    steps = itertools.count()
+    return lambda: fn(next(steps))
 
 
 def timed(
@@ -154,8 +153,7 @@ def measure(cfg: DictConfig, steps: int, warmup: int, workers: int) -> dict[str,
     data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
     if data.train.images is None:
         raise UserError(f"data={cfg.data.name} is decoded from files; the bench needs one held in memory")
-    augment = instantiate(cfg.augment).to(device)
-    step = build_step(cfg, device)
+    step = build_step(cfg, device, len(data.train) // b)
     rng = torch.Generator(device).manual_seed(cfg.seed)
     loader = forever(
         lambda epoch: batches(
@@ -164,33 +162,33 @@ def measure(cfg: DictConfig, steps: int, warmup: int, workers: int) -> dict[str,
         )
     )  # fmt: skip
     images = next(loader)[0].to(device)
-    fixed = two_views(augment, images, b, rng, channels_last=channels_last)
+    fixed = step.views(images, rng)
 
-    def full_step() -> None:
-        images = next(loader)[0].to(device, non_blocking=True)
-        step(two_views(augment, images, b, rng, channels_last=channels_last))
+    def full_step(i: int) -> None:  # the runner's loop body (ssl_lab/loop.py)
+        step(next(loader)[0].to(device, non_blocking=True), rng, i)
 
     reference = torch.utils.data.DataLoader(
-        PerSampleViews(data.train.images, augment), batch_size=b, shuffle=True, drop_last=True,
+        PerSampleViews(data.train.images, step.augment), batch_size=b, shuffle=True, drop_last=True,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
     )  # fmt: skip
     views = forever(lambda _: iter(reference))
 
-    def reference_step() -> None:
+    def reference_step(i: int) -> None:
         view0, view1 = (v.to(device, non_blocking=True) for v in next(views))
         if channels_last:
             view0, view1 = (v.contiguous(memory_format=torch.channels_last) for v in (view0, view1))
-        step([view0, view1])
+        step.update([view0, view1], i)
 
     # The in-process pipelines take turns step by step. The reference cannot (its workers would prepare
     # batches while the others run), so it takes turns with them block by block: each block first passes
     # the batches its workers prefetched meanwhile (prefetch_factor 2), then times whole turns of them.
     settle, turn = warmup + 2 * workers, max(1, workers)
     blocks = (
-        ({"augment alone": lambda: two_views(augment, images, b, rng, channels_last=channels_last),
-          "model step alone": lambda: step(fixed), "full ssl_lab step": full_step}, warmup, 1),
+        ({"augment alone": lambda: step.views(images, rng),
+          "model step alone": counted(lambda i: step.update(fixed, i)), "full ssl_lab step": counted(full_step)},
+         warmup, 1),
         ({"reference data path alone": lambda: next(views)}, settle, turn),
-        ({"reference (per-sample PIL)": reference_step}, settle, turn),
+        ({"reference (per-sample PIL)": counted(reference_step)}, settle, turn),
     )  # fmt: skip
     times: dict[str, list[float]] = {}
     rounds = min(2, steps)  # a slow spell of the (virtual) machine then hits both sides
@@ -211,15 +209,14 @@ def compare_variants(overrides: list[str], steps: int, warmup: int, compile_too:
     }
     cfg = next(iter(cfgs.values()))
     device, b, size = pick_device(cfg.trainer.device), cfg.batch_size, cfg.data.image_size
-    augment = instantiate(cfg.augment).to(device)
     images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device)
-    views = two_views(augment, images, b, torch.Generator(device).manual_seed(0))
+    views = build_step(cfg, device).views(images, torch.Generator(device).manual_seed(0))
 
     def step_of(cfg: DictConfig) -> Callable[[], object]:
         step = build_step(cfg, device)
         layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
         own_views = [v.contiguous(memory_format=layout) for v in views]
-        return lambda: step(own_views)
+        return counted(lambda i: step.update(own_views, i))
 
     print("model step alone by setting (fresh model each, taking turns):")
     times = timed({name: step_of(c) for name, c in cfgs.items()}, steps, warmup, device)

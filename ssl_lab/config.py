@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
-from datetime import datetime
 from pathlib import Path
 
-import yaml
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ssl_lab import UserError, distributed
+from ssl_lab import rundir
+from ssl_lab.errors import UserError, fail, one_line
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -134,61 +130,6 @@ def check_plugins(args: list[str]) -> None:
                 fail(f"{arg} needs the {module.split('.')[-1]} plugin: pip install -e '.[{extra}]'")
 
 
-def one_line(message: str) -> str:
-    skip = ("full_key", "object_type", "reference_type", "Set the environment variable", "Config search path")
-    lines = [
-        line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(skip)
-    ]
-    return " ".join(lines)
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def find_run_to_resume(outputs: Path, overrides: list[str]) -> Path | None:
-    """The newest run under `outputs` with a last.pt whose command-line overrides (resume aside)
-    are these."""
-    wanted = sorted(o for o in overrides if not o.startswith("resume="))
-    runs = sorted(outputs.rglob("last.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for ckpt in runs:
-        saved = ckpt.parent / ".hydra" / "overrides.yaml"  # of the run's first start
-        if saved.exists():
-            previous = yaml.safe_load(saved.read_text()) or []
-            if sorted(o for o in previous if not o.startswith("resume=")) == wanted:
-                return ckpt.parent
-    return None
-
-
-def _run_dir(resume: object, default: str, *, _root_: DictConfig) -> str:
-    if distributed.rank() > 0:  # only rank 0 makes the run dir; it tells the others (train() removes this)
-        return str(Path(tempfile.gettempdir()) / f"ssl_lab-rank{distributed.rank()}-{os.getpid()}")
-    if resume in (False, None) or str(resume).lower() == "false":
-        return default
-    if resume is not True and str(resume).lower() != "true":
-        return str(Path(str(resume)).expanduser())
-    overrides = list(OmegaConf.select(_root_, "hydra.overrides.task", default=[]) or [])
-    found = find_run_to_resume(Path(Path(default).parts[0]), overrides)
-    return str(found) if found else default
-
-
-def _hydra_subdir(resume: object) -> str | None:
-    """A resumed run keeps the .hydra/ files of its first start; each resume gets its own folder.
-    Processes other than rank 0 write none (Hydra issue #2070: each rank its own output dir)."""
-    if distributed.rank() > 0:
-        return None
-    if resume in (False, None) or str(resume).lower() == "false":
-        return ".hydra"
-    return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}"
-
-
-def _eval_dir(checkpoint: str) -> str:
-    """python -m ssl_lab.eval works in the pretraining run's dir (that of checkpoint=<dir or .pt>)."""
-    path = Path(str(checkpoint)).expanduser()
-    return str(path if path.is_dir() else path.parent)
-
-
 def _sweep_group() -> str | None:
     """In a multirun, the sweep dir's name (its date, or what hydra.sweep.dir says): one W&B group per
     sweep. Outside one, no group."""
@@ -218,8 +159,8 @@ def _hydra_config() -> DictConfig | None:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("ssl_lab_run_dir"):
-        OmegaConf.register_new_resolver("ssl_lab_run_dir", _run_dir)
-        OmegaConf.register_new_resolver("ssl_lab_hydra_subdir", _hydra_subdir, use_cache=True)
+        OmegaConf.register_new_resolver("ssl_lab_run_dir", rundir.run_dir)
+        OmegaConf.register_new_resolver("ssl_lab_hydra_subdir", rundir.hydra_subdir, use_cache=True)
         OmegaConf.register_new_resolver("ssl_lab_sweep_group", _sweep_group)
-        OmegaConf.register_new_resolver("ssl_lab_eval_dir", _eval_dir)
+        OmegaConf.register_new_resolver("ssl_lab_eval_dir", rundir.eval_dir)
         OmegaConf.register_new_resolver("ssl_lab_wandb_name", _wandb_name)

@@ -71,13 +71,17 @@ def first_host(nodelist: str) -> str:
     return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 
 
-def init(device_type: str) -> None:
-    """Join the process group when launched with several processes."""
+def init(device: torch.device) -> torch.device:
+    """Join the process group when launched with several processes; returns this process's device
+    (its own GPU, by local rank)."""
     if world_size() > 1 and not dist.is_initialized():
         os.environ.update(launch_env())  # under SLURM: the env:// rendezvous reads these
-        if device_type == "cuda":
+        if device.type == "cuda":
             torch.cuda.set_device(local_rank())
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda" and world_size() > 1:
+        return torch.device("cuda", local_rank())
+    return device
 
 
 def spawn(fn: Callable[..., Any], args: tuple, nproc: int) -> Any:

@@ -12,7 +12,7 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
-from ssl_lab import UserError
+from ssl_lab.errors import UserError
 
 # Keys of conf/optimizer/*.yaml that ssl_lab consumes; the rest go to the optimizer class.
 OWN_KEYS = ("base_lr", "lr_scaling", "weight_decay", "exclude_bias_and_norm")

@@ -85,7 +85,7 @@ def test_method_and_backbone_instantiate_and_step(method: str, backbone: str) ->
     size = cfg.data.image_size
     x = torch.randn(4, 3, size, size)
     assert model(x).shape == (4, model.num_features)
-    loss = model.training_step(x, x.flip(-1))["loss"]
+    loss = model.training_step([x, x.flip(-1)])["loss"]
     loss.backward()
     assert torch.isfinite(loss)
 
@@ -135,7 +135,7 @@ def test_conf_mirrors_code() -> None:
 
 
 def test_precision_auto_is_bf16_on_gpus_and_32_bit_on_cpus(monkeypatch) -> None:
-    from ssl_lab.train import precision_dtype
+    from ssl_lab.build import precision_dtype
 
     assert precision_dtype("auto", torch.device("cpu")) is None
     assert precision_dtype("bf16", torch.device("cpu")) is torch.bfloat16

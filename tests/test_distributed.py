@@ -360,17 +360,18 @@ def _train_rank(rank: int, port: int, run_dir: str, out: dict) -> None:
     """One of two processes of a run in which only rank 1's loss turns NaN (in epoch 2)."""
     from conftest import compose_cfg
 
+    from ssl_lab.errors import TrainingDiverged
     from ssl_lab.methods.simclr import SimCLR
-    from ssl_lab.train import TrainingDiverged, train
+    from ssl_lab.train import train
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     if rank == 1:
         real_step, calls = SimCLR.training_step, {"n": 0}
 
-        def poisoned(self, view0, view1):
+        def poisoned(self, views):
             calls["n"] += 1
-            result = real_step(self, view0, view1)
+            result = real_step(self, views)
             return {"loss": result["loss"] * float("nan")} if calls["n"] > 10 else result
 
         SimCLR.training_step = poisoned

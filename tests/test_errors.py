@@ -55,7 +55,8 @@ def test_bad_input_on_the_command_line(args: list[str], fragments: list[str], wo
 def test_bad_input_in_process(args: list[str], pattern: str, tmp_path: Path, capsys) -> None:
     """The same checks, without a process start each: the exit path is covered above."""
     from ssl_lab.config import check_command_line
-    from ssl_lab.train import train, user_message
+    from ssl_lab.errors import user_message
+    from ssl_lab.train import train
 
     if pattern == "^$":
         pytest.skip("CUDA present")

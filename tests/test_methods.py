@@ -66,7 +66,7 @@ def test_nnclr_loss_equals_lightly() -> None:
     criterion = NTXentLoss(temperature=0.1)
     ref = 0.5 * (criterion(nn0, p1) + criterion(nn1, p0))
 
-    ours = model.training_step(x0, x1)["loss"]
+    ours = model.training_step([x0, x1])["loss"]
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(model.support.queue, bank.bank)
 
@@ -82,7 +82,7 @@ def test_nnclr_neighbour_comes_from_queue_before_update_and_has_no_gradient() ->
     sims = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(before, dim=1).T
     torch.testing.assert_close(neighbours, before[sims.argmax(1)])
 
-    loss = model.training_step(torch.randn(6, 8), torch.randn(6, 8))["loss"]
+    loss = model.training_step([torch.randn(6, 8), torch.randn(6, 8)])["loss"]
     loss.backward()
     assert model.support.queue.grad is None
     assert all(p.grad is not None for p in model.projector.parameters())
@@ -107,7 +107,7 @@ def test_simclr_head_shapes_and_loss_decreases() -> None:
     x = torch.randn(32, 16)
     losses = []
     for _ in range(30):
-        loss = model.training_step(x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x))["loss"]
+        loss = model.training_step([x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x)])["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -14,8 +14,9 @@ import torch
 from conftest import FAST, compose_cfg, run_cli
 
 from ssl_lab import checkpoint
+from ssl_lab.errors import TrainingDiverged
 from ssl_lab.loggers import read_metrics
-from ssl_lab.train import TrainingDiverged, train
+from ssl_lab.train import train
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -78,9 +79,9 @@ def test_loss_nan_stops_and_keeps_last_good_checkpoint(
     real_step = SimCLR.training_step
     calls = {"n": 0}
 
-    def poisoned(self, view0, view1):
+    def poisoned(self, views):
         calls["n"] += 1
-        out = real_step(self, view0, view1)
+        out = real_step(self, views)
         if calls["n"] > 10:  # epoch 2 of 8 steps each
             out["loss"] = out["loss"] * float("nan")
         return out
@@ -178,7 +179,7 @@ def test_wandb_offline_run_is_continued_on_resume(workdir: Path) -> None:
 
 
 def test_resume_moves_rows_after_the_checkpoint_aside(tmp_path: Path) -> None:
-    from ssl_lab.train import drop_metrics_after
+    from ssl_lab.rundir import drop_metrics_after
 
     rows = [{"step": s, "train/loss": 1.0} for s in (0, 8, 16, 17)]
     text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 18, "train/lo'  # cut by kill -9

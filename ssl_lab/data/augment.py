@@ -150,6 +150,11 @@ class Augment(torch.nn.Module):
         std: Sequence[float] = (0.229, 0.224, 0.225),
     ) -> None:
         super().__init__()
+        self.settings = dict(
+            size=size, crop_scale=crop_scale, crop_ratio=crop_ratio, flip_p=flip_p, jitter=jitter,
+            jitter_p=jitter_p, gray_p=gray_p, blur_p=blur_p, blur_kernel_frac=blur_kernel_frac,
+            blur_sigma=blur_sigma, mean=mean, std=std,
+        )  # fmt: skip
         self.size = size
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.flip_p, self.jitter, self.jitter_p, self.gray_p = flip_p, tuple(jitter), jitter_p, gray_p
@@ -157,6 +162,14 @@ class Augment(torch.nn.Module):
         kernel = int(blur_kernel_frac * size)
         self.blur_kernel = max(3, kernel + 1 - kernel % 2)  # odd, as the SimCLR paper's 10 %
         self.mean, self.std = tuple(mean), tuple(std)
+
+    def variant(self, **changes) -> Augment:
+        """The same augmentation with some settings changed (e.g. a multi-crop method's small crops:
+        `variant(size=96, crop_scale=(0.05, 0.4))`)."""
+        unknown = set(changes) - set(self.settings)
+        if unknown:
+            raise TypeError(f"Augment has no setting {', '.join(sorted(unknown))}")
+        return Augment(**{**self.settings, **changes})
 
     def sample_params(
         self, batch_size: int, height: int, width: int, generator: torch.Generator | None = None, device=None

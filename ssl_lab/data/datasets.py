@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssl_lab import UserError
+from ssl_lab.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 

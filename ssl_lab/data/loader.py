@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ssl_lab import UserError
 from ssl_lab.data.datasets import FileDataset, ImageSet, collate_decoded
+from ssl_lab.errors import UserError
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

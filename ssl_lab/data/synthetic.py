@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ssl_lab import UserError
+from ssl_lab.errors import UserError
 
 CLASSES = ("disk", "ring", "square", "frame", "triangle", "cross", "flower", "crescent", "L", "bar")
 

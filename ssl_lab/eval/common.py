@@ -16,10 +16,10 @@ import torch.nn as nn
 from timm.scheduler.scheduler import Scheduler
 from tqdm import tqdm
 
-from ssl_lab import UserError
 from ssl_lab.data.augment import Augment, normalize
 from ssl_lab.data.datasets import DataSplits, ImageSet
 from ssl_lab.data.loader import batches, epoch_order
+from ssl_lab.errors import UserError
 from ssl_lab.optim import warmup_cosine
 
 

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ssl_lab import UserError, checkpoint
+from ssl_lab import checkpoint
 from ssl_lab.config import CONF_DIR
+from ssl_lab.errors import UserError
 from ssl_lab.eval.common import EvalContext, fit, percent, test_accuracy, train_augment
 from ssl_lab.eval.finetune import classifier
 

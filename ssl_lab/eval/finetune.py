@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssl_lab import UserError, checkpoint
+from ssl_lab import checkpoint
+from ssl_lab.errors import UserError
 from ssl_lab.eval.common import EvalContext, copy_backbone, fit, percent, test_accuracy, train_augment
 
 

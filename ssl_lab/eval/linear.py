@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssl_lab import UserError
+from ssl_lab.errors import UserError
 from ssl_lab.eval.common import (
     EvalContext,
     check_unchanged,

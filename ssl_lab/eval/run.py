@@ -2,8 +2,8 @@
 
     python -m ssl_lab.eval checkpoint=outputs/simclr-synthetic/2026-11-25_10-00-00 eval=linear
 
-`evaluate(cfg)` does the work and is what tests call; the pretraining runner calls `evaluate_after`
-for `eval_after=[...]`. Results of every protocol land in the pretraining run's own directory.
+`evaluate(cfg)` does the work and is what tests call; the pretraining runner composes
+`eval_after=[...]` with `eval_after_configs` and calls `evaluate` on each. Results of every protocol land in the pretraining run's own directory.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
-from ssl_lab import UserError, checkpoint
-from ssl_lab.config import CONF_DIR, check_command_line, check_config, fail, one_line, register_resolvers
+from ssl_lab import checkpoint
+from ssl_lab.build import build_model, pick_device, precision_dtype
+from ssl_lab.config import CONF_DIR, check_command_line, check_config, register_resolvers
 from ssl_lab.data.datasets import DataSplits
+from ssl_lab.errors import USER_FACING, UserError, exit_status, fail, one_line, user_message
 from ssl_lab.eval.common import EvalContext
 from ssl_lab.loggers import RunLogger
-from ssl_lab.train import USER_FACING, exit_status, pick_device, precision_dtype, user_message, write_json
+from ssl_lab.rundir import write_json
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -77,11 +79,9 @@ def load_context(cfg: DictConfig, path: Path, state: dict[str, Any], data: DataS
             f"eval={cfg.eval.name} needs labelled train and test images, and data={data_name(cfg, state)} "
             "has none; choose a labelled data set, e.g. data=cifar10"
         )
-    model = instantiate(pretrain["method"], backbone=instantiate(pretrain["backbone"]))
+    parts = {"method": pretrain["method"], "backbone": pretrain["backbone"], "trainer": cfg.trainer}
+    model = build_model(OmegaConf.create(parts), device)
     model.load_state_dict(state["model"])
-    model = model.to(device)
-    if cfg.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     return EvalContext(
         model=model, pretrain_config=pretrain, data=data, device=device,
         autocast_dtype=precision_dtype(cfg.trainer.precision, device), channels_last=cfg.trainer.channels_last,

@@ -1,6 +1,18 @@
-"""What every method shares: a backbone, a forward of both views in one pass, a training step."""
+"""What every method shares: a backbone, the views it trains on, a training step, a post-step update.
+
+The runner asks the method for everything method-specific, so a new method is one file here and one
+YAML in conf/method/, whatever it needs:
+
+- `views(draw)`: the augmented views of a batch. SimCLR and NNCLR take two; a multi-crop method takes
+  e.g. `[draw(), draw(), *(draw(size=96, crop_scale=(0.05, 0.4)) for _ in range(6))]`.
+- `training_step(views)`: the loss (and any logs) of one batch of views.
+- `after_step(step, total_steps)`: runs after each optimizer step, e.g. a momentum teacher's EMA
+  update (BYOL, MoCo v3, DINO).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -20,8 +32,8 @@ def mlp(dims: list[int], last_bn: bool = False) -> nn.Sequential:
 
 
 class Method(nn.Module):
-    """A backbone plus method-specific heads. `forward` gives backbone features (what evaluation
-    uses); `training_step` takes the two augmented views and returns the loss and any logs."""
+    """A backbone plus method-specific heads. `forward(x)` gives backbone features (what evaluation
+    uses); `forward([views])` is the training step (the call DDP wraps)."""
 
     name: str = "method"
 
@@ -30,19 +42,24 @@ class Method(nn.Module):
         self.backbone = backbone
         self.num_features: int = backbone.num_features
 
-    def forward(self, x: torch.Tensor, view1: torch.Tensor | None = None):
-        """Backbone features of x; with a second view, the training step (the call DDP wraps)."""
-        if view1 is not None:
-            return self.training_step(x, view1)
+    def forward(self, x: torch.Tensor | list[torch.Tensor]):
+        if isinstance(x, list | tuple):
+            return self.training_step(list(x))
         return self.backbone(x)
 
-    def embed_views(
-        self, view0: torch.Tensor, view1: torch.Tensor, head: nn.Module
-    ) -> tuple[torch.Tensor, ...]:
-        # One pass over both views: bigger matmuls, and batch norm sees the 2N images of the batch
-        # as SimCLR's global BN does.
-        z = head(self.backbone(torch.cat([view0, view1])))
-        return z.chunk(2)
+    def views(self, draw: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        """The views of one batch; `draw(**changes)` makes one with the run's augmentation, `changes`
+        overriding its settings for this view (e.g. size, crop_scale)."""
+        return [draw(), draw()]
 
-    def training_step(self, view0: torch.Tensor, view1: torch.Tensor) -> dict[str, torch.Tensor]:
+    def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """After the optimizer step `step` (0-based) of `total_steps`: nothing by default."""
+
+    def embed_views(self, views: list[torch.Tensor], head: nn.Module) -> tuple[torch.Tensor, ...]:
+        # One pass over the views: bigger matmuls, and batch norm sees the 2N images of the batch
+        # as SimCLR's global BN does.
+        z = head(self.backbone(torch.cat(views)))
+        return z.chunk(len(views))

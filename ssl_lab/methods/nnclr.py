@@ -57,8 +57,8 @@ class NNCLR(Method):
         self.predictor = mlp([proj_output_dim, pred_hidden_dim, proj_output_dim])
         self.support = SupportSet(queue_size, proj_output_dim)
 
-    def training_step(self, view0: torch.Tensor, view1: torch.Tensor) -> dict[str, torch.Tensor]:
-        z0, z1 = self.embed_views(view0, view1, self.projector)
+    def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        z0, z1 = self.embed_views(views, self.projector)
         p0, p1 = self.predictor(torch.cat([z0, z1])).float().chunk(2)
         z0, z1 = z0.float(), z1.float()
         # Both neighbours come from the support set as it was before this batch is added.

@@ -44,6 +44,6 @@ class SimCLR(Method):
         hidden = proj_hidden_dim or self.num_features
         self.projector = mlp([self.num_features, hidden, proj_output_dim])
 
-    def training_step(self, view0: torch.Tensor, view1: torch.Tensor) -> dict[str, torch.Tensor]:
-        z0, z1 = self.embed_views(view0, view1, self.projector)
+    def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        z0, z1 = self.embed_views(views, self.projector)
         return {"loss": nt_xent(z0.float(), z1.float(), self.temperature, self.gather)}

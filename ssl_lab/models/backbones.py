@@ -8,7 +8,7 @@ import timm
 import torch.nn as nn
 import torchvision
 
-from ssl_lab import UserError
+from ssl_lab.errors import UserError
 
 TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 

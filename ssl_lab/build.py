@@ -1,0 +1,181 @@
+"""How a run is built from its config, in one place. The runner, the bench and the evaluation app all
+build through here, so that what the bench measures is what trains.
+
+    device = pick_device(cfg.trainer.device)
+    model = build_model(cfg, device, world)       # the Method on its device: sync BN, channels_last
+    step = build_step(cfg, model, augment, steps_per_epoch, rank, world)
+    loss = step(uint8_images, rng, i)              # one optimisation step, as the runner takes it
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from timm.scheduler.scheduler import Scheduler
+
+from ssl_lab import distributed
+from ssl_lab.data.augment import Augment
+from ssl_lab.errors import UserError
+from ssl_lab.methods.base import Method
+from ssl_lab.optim import build_optimizer
+
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"trainer.device={name} but CUDA is not available here; use trainer.device=auto or cpu"
+        )
+    return device
+
+
+def precision_dtype(precision: str | int, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of trainer.precision; `auto` is bf16 on GPUs that support it and 32-bit on
+    CPUs, where bf16's gain depends on the processor (benchmarks/README.md)."""
+    if str(precision) == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return PRECISIONS[str(precision)]
+
+
+def check_batch_divides(batch_size: int, processes: int) -> None:
+    if batch_size % processes:
+        raise UserError(
+            f"batch_size={batch_size} (global) does not divide over {processes} processes; "
+            f"use a multiple of {processes}"
+        )
+
+
+def build_model(cfg: DictConfig, device: torch.device, world: int = 1) -> Method:
+    """cfg.method around cfg.backbone, on `device`, with cfg.trainer's memory layout; with several
+    processes, batch norm over the global batch (trainer.sync_batchnorm)."""
+    model = instantiate(cfg.method, backbone=instantiate(cfg.backbone))
+    if world > 1 and cfg.trainer.sync_batchnorm:
+        convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm if device.type == "cuda" else None
+        model = convert(model) if convert else distributed.SyncBatchNorm.convert(model)
+    model = model.to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class TrainStep:
+    """One optimisation step as the runner takes it: the method's views of a uint8 batch (`views`),
+    forward under autocast, backward, optimizer step and the method's post-step update (`update`).
+    Its state (model, optimizer, scheduler, scaler) is what a checkpoint holds besides the progress."""
+
+    def __init__(
+        self,
+        model: Method,
+        forward: Callable[[list[torch.Tensor]], dict[str, torch.Tensor]],
+        augment: Augment,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Scheduler,
+        scaler: torch.amp.GradScaler,
+        autocast_dtype: torch.dtype | None,
+        grad_clip: float | None,
+        channels_last: bool,
+        batch_size: int,
+        total_steps: int,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.model, self.forward, self.augment = model, forward, augment
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.autocast_dtype, self.grad_clip, self.channels_last = autocast_dtype, grad_clip, channels_last
+        self.batch_size, self.total_steps, self.rank, self.world = batch_size, total_steps, rank, world
+        self.variants: dict[tuple, Augment] = {}
+
+    def views(self, images: torch.Tensor, rng: torch.Generator) -> list[torch.Tensor]:
+        """The method's views of this process's images. Parameters are drawn for the whole global batch
+        and sliced, so every sample gets the same views whatever the number of processes."""
+
+        def draw(**changes) -> torch.Tensor:
+            augment = self.augment
+            if changes:
+                key = tuple(sorted(changes.items()))
+                if key not in self.variants:
+                    self.variants[key] = self.augment.variant(**changes).to(images.device)
+                augment = self.variants[key]
+            params = augment.sample_params(
+                self.batch_size, *images.shape[-2:], generator=rng, device=images.device
+            )
+            if self.world > 1:
+                local = self.batch_size // self.world
+                params = {k: v[self.rank * local : (self.rank + 1) * local] for k, v in params.items()}
+            view = augment.apply(images, params)
+            return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
+
+        return self.model.views(draw)
+
+    def update(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
+        """Forward (under autocast), backward and update; returns the detached loss (no sync)."""
+        dtype = self.autocast_dtype
+        with torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
+            loss = self.forward(views)["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.model.after_step(step, self.total_steps)
+        return loss.detach()
+
+    def __call__(self, images: torch.Tensor, rng: torch.Generator, step: int) -> torch.Tensor:
+        """Step `step` (0-based) on a uint8 batch already on the device."""
+        self.scheduler.step_update(step)
+        return self.update(self.views(images, rng), step)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict, schedule: bool = True) -> None:
+        """Without `schedule` the lr schedule keeps the new run's (e.g. a resume with other epochs)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if schedule:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def build_step(
+    cfg: DictConfig, model: Method, augment: Augment, steps_per_epoch: int, rank: int = 0, world: int = 1
+) -> TrainStep:
+    """The optimizer (with batch-size lr scaling), the per-step schedule, the fp16 grad scaler, DDP
+    (several processes) and torch.compile (trainer.compile) around `model`."""
+    device = next(model.parameters()).device
+    dtype = precision_dtype(cfg.trainer.precision, device)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.batch_size)
+    scheduler = instantiate(
+        cfg.scheduler, optimizer=optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    forward: Callable = model  # Method.forward([views]) is the training step
+    if world > 1:  # through the wrapper, which syncs gradients
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
+    if cfg.trainer.compile:
+        forward = torch.compile(forward)
+    return TrainStep(
+        model, forward, augment, optimizer, scheduler, scaler, dtype, cfg.trainer.grad_clip,
+        cfg.trainer.channels_last, cfg.batch_size, steps_per_epoch * cfg.epochs, rank, world,
+    )  # fmt: skip

@@ -1,0 +1,189 @@
+"""The training loop: epochs of steps, the kNN monitor, checkpoints, and stopping cleanly on a signal.
+
+`fit(run)` trains from `run.state` to `cfg.epochs`; `train_epoch` is one pass over the data. Everything
+a run is made of is in `Run`, which ssl_lab.train.train builds.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from ssl_lab import checkpoint, distributed
+from ssl_lab.build import TrainStep
+from ssl_lab.checkpoint import TrainState
+from ssl_lab.data.datasets import DataSplits
+from ssl_lab.data.loader import batches, epoch_order
+from ssl_lab.errors import Interrupted, TrainingDiverged
+from ssl_lab.eval.knn import knn_accuracy
+from ssl_lab.loggers import RunLogger
+
+
+@dataclass
+class Run:
+    """One training run, built: its config, where it writes, its data, its step and its progress."""
+
+    cfg: DictConfig
+    resolved: dict[str, Any]  # the resolved config, as checkpoints and run_info record it
+    run_dir: Path
+    device: torch.device
+    data: DataSplits
+    step: TrainStep
+    state: TrainState
+    logger: RunLogger
+
+    @property
+    def main_process(self) -> bool:
+        return distributed.is_main()
+
+    def save(self, name: str) -> None:
+        if self.main_process:
+            self.state.wandb_id = self.logger.run_id
+            state = {**self.step.state_dict(), **self.state.state_dict(), "config": self.resolved}
+            checkpoint.save(state, self.run_dir / name)
+
+    def monitor(self) -> float | None:
+        """The kNN monitor's top-1 on rank 0 (the others wait): computed once, not once per process."""
+        if self.data.memory is None:
+            return None
+        top1 = None
+        if self.main_process:
+            cfg = self.cfg
+            top1 = knn_accuracy(
+                self.step.model, self.data, cfg.monitor.k, cfg.monitor.temperature, device=self.device,
+                batch_size=cfg.monitor.batch_size, autocast_dtype=self.step.autocast_dtype,
+                channels_last=cfg.trainer.channels_last, num_workers=cfg.trainer.num_workers,
+            )["top1"]  # fmt: skip
+            self.logger.log({"val/knn_top1": top1, "epoch": self.state.epoch}, step=self.state.step)
+        distributed.barrier()
+        return top1
+
+
+class Stop:
+    """SIGTERM, SIGUSR1/SIGUSR2 (SLURM's and submitit's warnings before the time limit) or a first
+    Ctrl-C ask the loop to checkpoint and stop at the next step boundary; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __enter__(self) -> Stop:
+        self.previous = {
+            s: signal.signal(s, self.handle)
+            for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+        }
+        return self
+
+    def handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def requested(self) -> bool:
+        """On every process, whether any was asked to stop: all stop at the same step."""
+        return distributed.any_rank(self.signum is not None)
+
+
+def fit(run: Run) -> None:
+    """Train from where `run.state` stands to cfg.epochs: kNN monitor after epochs, last.pt every
+    trainer.checkpoint_every epochs; on a signal, save last.pt and raise Interrupted."""
+    cfg, state = run.cfg, run.state
+    with Stop() as stop:
+        while state.epoch < cfg.epochs:
+            metrics = train_epoch(run, stop)
+            if stop.requested():
+                signum = stop.signum or signal.SIGTERM  # a rank told by another rank
+                run.save("last.pt")
+                print(
+                    f"Stopped by {signal.Signals(signum).name} at epoch {state.epoch}, step {state.step}; "
+                    f"saved {run.run_dir / 'last.pt'}. Run the same command with resume=true to continue.",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
+                raise Interrupted(signum)
+            state.epoch, state.batch_in_epoch, state.aug_rng = state.epoch + 1, 0, None
+            top1 = None
+            if cfg.monitor.every and state.epoch % cfg.monitor.every == 0 and state.epoch < cfg.epochs:
+                top1 = run.monitor()
+            if run.main_process and metrics:
+                summary = f"epoch {state.epoch}/{cfg.epochs}  loss {metrics['train/loss']:.4f}"
+                summary += f"  lr {metrics['train/lr']:.4g}  {metrics['train/img_per_s']:.0f} img/s"
+                summary += f"  kNN top-1 {top1:.2f}%" if top1 is not None else ""
+                print(summary, flush=True)
+            if state.epoch % cfg.trainer.checkpoint_every == 0 or state.epoch == cfg.epochs:
+                run.save("last.pt")
+
+
+def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
+    """The steps of epoch `state.epoch` from `state.batch_in_epoch` on, until its end or a stop request
+    (then `state.aug_rng` holds the augmentation stream for the resume); returns the last logged metrics.
+    The loss stays on the device between log steps: no host sync per step."""
+    cfg, state, device = run.cfg, run.state, run.device
+    batch_size, steps_per_epoch = cfg.batch_size, len(run.data.train) // cfg.batch_size
+    run.step.model.train()
+    aug_rng = torch.Generator(device).manual_seed(cfg.seed * 100_003 + state.epoch + 7)
+    if state.aug_rng is not None:  # mid-epoch resume: continue the augmentation stream
+        aug_rng.set_state(state.aug_rng)
+    order = epoch_order(len(run.data.train), cfg.seed, state.epoch)[state.batch_in_epoch * batch_size :]
+    loader = batches(
+        run.data.train, order, batch_size, drop_last=True, num_workers=cfg.trainer.num_workers,
+        pin_memory=device.type == "cuda", rank=distributed.rank(), world_size=distributed.world_size(),
+    )  # fmt: skip
+    bar = tqdm(
+        total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+        disable=not (run.main_process and cfg.trainer.progress), leave=False,
+        mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True,
+    )  # fmt: skip
+    metrics: dict[str, float] = {}
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_start = 0, time.perf_counter()
+    for images, _ in loader:
+        loss = run.step(images.to(device, non_blocking=True), aug_rng, state.step)
+        state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
+        nonfinite |= ~torch.isfinite(loss)
+        window_loss += loss
+        window_steps += 1
+        bar.update()
+        if state.step % cfg.trainer.log_every == 0 or state.batch_in_epoch == steps_per_epoch:
+            check_finite(nonfinite, state, run.run_dir)
+            seconds = time.perf_counter() - window_start
+            metrics = {
+                "train/loss": distributed.mean(window_loss / window_steps).item(),
+                "train/lr": run.step.lr,
+                "train/img_per_s": window_steps * batch_size / seconds,
+                "epoch": state.epoch,
+            }
+            run.logger.log(metrics, step=state.step)
+            bar.set_postfix(
+                loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.3g}",
+                img_s=f"{metrics['train/img_per_s']:.0f}", refresh=False,
+            )  # fmt: skip
+            window_loss.zero_()
+            window_steps, window_start = 0, time.perf_counter()
+        if stop.requested():
+            break
+    bar.close()
+    check_finite(nonfinite, state, run.run_dir)
+    if state.batch_in_epoch < steps_per_epoch:
+        state.aug_rng = aug_rng.get_state()
+    return metrics
+
+
+def check_finite(nonfinite: torch.Tensor, state: TrainState, run_dir: Path) -> None:
+    if distributed.any_rank(nonfinite, nonfinite.device):
+        last = run_dir / "last.pt"
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"the loss became NaN/inf in epoch {state.epoch} (by step {state.step}); {kept}. "
+            "Lower optimizer.base_lr, add trainer.grad_clip=1.0, or use trainer.precision=32"
+        )
