@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -35,7 +34,7 @@ from ssl_lab.build import TrainStep, pick_device
 from ssl_lab.config import CONF_DIR, check_command_line, check_config, register_resolvers
 from ssl_lab.data.augment import Augment
 from ssl_lab.data.loader import batches, epoch_order
-from ssl_lab.errors import UserError
+from ssl_lab.errors import UserError, run_reporting_errors
 
 # The speed goal's setting (benchmarks/README.md). The ImageNet stem: with the CIFAR stem (the runner's
 # default at 32 px) ResNet-18's step runs at ~18 img/s on 2 CPU cores, not ~350, 15 s per 256 batch.
@@ -63,7 +62,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
         for k, v in DEFAULTS.items()
         if k not in given and not (k.startswith("backbone.") and "backbone" in given)
     ]
-    check_command_line(defaults + overrides)  # a bad override: one line and exit status 2
+    check_command_line(defaults + overrides)
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=defaults + overrides)
@@ -269,8 +268,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_reporting_errors(main)

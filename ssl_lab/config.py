@@ -1,115 +1,287 @@
-"""Config checks that Hydra cannot do for plain YAML (types, group choices) and the run-dir resolver."""
+"""What a config value may be, checked where the value is defined, and the Hydra resolvers.
+
+Types and ranges live next to the values, not in a table beside them:
+
+- keys ssl_lab's runner reads itself (seed, batch_size, epochs, monitor.*, trainer.*, and the evaluation
+  app's top level) are Hydra structured configs: the dataclasses below, registered in the ConfigStore
+  as the schema of conf/train.yaml and conf/eval.yaml. OmegaConf checks their types as it composes
+  (command-line overrides included); `check_config` checks their ranges and choices (`knob`).
+- a group option that builds an object (`_target_`: a method, backbone, data set, augmentation,
+  schedule, evaluation protocol, optimizer) is checked against the signature of what it builds: its
+  type hints, with ranges as `Annotated[int, Range(min=1)]` (`PositiveInt`, ...). The optimizer's
+  own keys (base_lr, ...) are typed by `ssl_lab.optim.OptimizerKeys` and the logger's by
+  `ssl_lab.loggers.LoggerSettings`, which read them.
+
+Every failure is a UserError of one line with the key, the value, what it should be and an example.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
+from hydra.core.config_store import ConfigStore
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_object
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from ssl_lab import rundir
-from ssl_lab.errors import UserError, fail, one_line
+from ssl_lab.errors import UserError, fail
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-# key -> (accepted types, example); checked after composition so typos in overrides fail early.
-TYPED_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "seed": ((int,), "seed=0"),
-    "batch_size": ((int,), "batch_size=256"),
-    "epochs": ((int,), "epochs=100"),
-    "monitor.every": ((int,), "monitor.every=10"),
-    "monitor.k": ((int,), "monitor.k=200"),
-    "monitor.temperature": ((int, float), "monitor.temperature=0.1"),
-    "monitor.batch_size": ((int,), "monitor.batch_size=512"),
-    "method.temperature": ((int, float), "method.temperature=0.5"),
-    "optimizer.base_lr": ((int, float), "optimizer.base_lr=0.3"),
-    "optimizer.weight_decay": ((int, float), "optimizer.weight_decay=1e-6"),
-    "scheduler.warmup_epochs": ((int, float), "scheduler.warmup_epochs=10"),
-    "data.image_size": ((int,), "data.image_size=32"),
-    "trainer.num_workers": ((int,), "trainer.num_workers=4"),
-    "trainer.log_every": ((int,), "trainer.log_every=10"),
-    "trainer.checkpoint_every": ((int,), "trainer.checkpoint_every=1"),
-    "trainer.grad_clip": ((int, float, type(None)), "trainer.grad_clip=1.0"),
-    "trainer.channels_last": ((bool,), "trainer.channels_last=true"),
-    "trainer.compile": ((bool,), "trainer.compile=true"),
-    "trainer.nproc_per_node": ((int,), "trainer.nproc_per_node=2"),
-    # python -m ssl_lab.eval
-    "eval.k": ((int,), "eval.k=200"),
-    "eval.temperature": ((int, float), "eval.temperature=0.1"),
-    "eval.epochs": ((int,), "eval.epochs=100"),
-    "eval.batch_size": ((int,), "eval.batch_size=256"),
-    "eval.base_lr": ((int, float), "eval.base_lr=0.1"),
-    "eval.weight_decay": ((int, float), "eval.weight_decay=0"),
-    "eval.label_fraction": ((int, float), "eval.label_fraction=0.1"),
-    "eval.augment": ((bool,), "eval.augment=true"),
-}
-POSITIVE = (
-    "batch_size",
-    "monitor.k",
-    "monitor.batch_size",
-    "data.image_size",
-    "trainer.log_every",
-    "trainer.checkpoint_every",
-    "trainer.nproc_per_node",
-    "eval.k",
-    "eval.epochs",
-    "eval.batch_size",
-)
-_ABSENT = object()
-CHOICES = {
-    "trainer.precision": ("auto", "32", "bf16", "16"),
-    "logger.mode": ("offline", "online", "disabled"),
-}
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number (min/max inclusive, gt exclusive) or a string (choices)."""
+
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    choices: tuple[str, ...] | None = None
+    example: str | None = None  # e.g. "batch_size=256", for error messages
+
+    def problem(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        if self.choices is not None:
+            return None if str(value) in self.choices else f"is not one of {', '.join(self.choices)}"
+        if self.gt is not None and not value > self.gt:
+            return "must be positive" if self.gt == 0 else f"must be greater than {self.gt:g}"
+        if self.min is not None and value < self.min:
+            return "must not be negative" if self.min == 0 else f"must be at least {self.min:g}"
+        if self.max is not None and value > self.max:
+            return f"must be at most {self.max:g}"
+        return None
+
+
+PositiveInt = Annotated[int, Range(min=1)]
+NonNegativeInt = Annotated[int, Range(min=0)]
+PositiveFloat = Annotated[float, Range(gt=0)]
+NonNegativeFloat = Annotated[float, Range(min=0)]
+Probability = Annotated[float, Range(min=0, max=1)]
+LabelFraction = Annotated[float, Range(gt=0, max=1)]
+
+
+def knob(example: str | None = None, **limits: Any) -> Any:
+    """A structured-config field whose value comes from the YAML (MISSING here), with its range."""
+    return field(default=MISSING, metadata={"range": Range(example=example, **limits)})
+
+
+# ---------------------------------------------------------------------------- structured configs
+
+
+@dataclass
+class MonitorConfig:
+    every: int = knob("monitor.every=10", min=0)  # epochs; 0 = only at the end
+    k: int = knob("monitor.k=200", min=1)
+    temperature: float = knob("monitor.temperature=0.1", gt=0)
+    batch_size: int = knob("monitor.batch_size=512", min=1)
+
+
+@dataclass
+class TrainerConfig:
+    device: str = knob("trainer.device=cuda")
+    precision: str = knob("trainer.precision=bf16", choices=("auto", "32", "bf16", "16"))
+    channels_last: bool = knob("trainer.channels_last=true")
+    compile: bool = knob("trainer.compile=true")
+    grad_clip: float | None = knob("trainer.grad_clip=1.0", min=0)  # 0 or null: off
+    num_workers: int = knob("trainer.num_workers=4", min=0)
+    log_every: int = knob("trainer.log_every=10", min=1)
+    checkpoint_every: int = knob("trainer.checkpoint_every=1", min=1)
+    progress: bool = knob("trainer.progress=false")
+    sync_batchnorm: bool = knob("trainer.sync_batchnorm=true")
+    nproc_per_node: int = knob("trainer.nproc_per_node=2", min=1)
+
+
+@dataclass
+class TrainConfig:
+    """conf/train.yaml: the groups (checked against what they build) and the runner's own keys."""
+
+    seed: int = knob("seed=0")
+    batch_size: int = knob("batch_size=256", min=1)
+    epochs: int = knob("epochs=100", min=0)
+    resume: Any = False  # false | true | a run dir
+    name: str = MISSING
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    eval_after: list[str] = field(default_factory=list)
+    method: Any = MISSING
+    backbone: Any = MISSING
+    augment: Any = MISSING
+    optimizer: Any = MISSING
+    scheduler: Any = MISSING
+    data: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: Any = MISSING
+
+
+@dataclass
+class EvalConfig:
+    """conf/eval.yaml: python -m ssl_lab.eval."""
+
+    checkpoint: str = MISSING
+    seed: int = knob("seed=0")
+    eval: Any = MISSING
+    data: Any = None  # null: the pretraining run's
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: Any = MISSING
+
+
+def register_schemas() -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+
+
+# ---------------------------------------------------------------------------- checks
+
+# Nodes whose keys ssl_lab's own code reads besides (or instead of) their _target_: the function
+# whose signature types them.
+CONSUMERS = {"optimizer": "ssl_lab.optim.OptimizerKeys", "logger": "ssl_lab.loggers.LoggerSettings"}
 
 
 def check_config(cfg: DictConfig) -> None:
-    for key, (types, example) in TYPED_KEYS.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT:  # not part of this composition (e.g. a method without a temperature)
-            continue
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise UserError(
-                f"{key}={value!r} should be {wanted} (got {type(value).__name__}); e.g. {example}"
-            )
-    for key in POSITIVE:
-        if OmegaConf.select(cfg, key, default=1) < 1:
-            raise UserError(f"{key}={OmegaConf.select(cfg, key)} must be at least 1")
-    if OmegaConf.select(cfg, "epochs", default=0) < 0:
-        raise UserError(f"epochs={cfg.epochs} must not be negative")
+    """Ranges and choices of the structured keys, and every option against what it builds."""
+    check_structured(cfg, "")
+    for key in ("data", "method", "backbone", "augment", "optimizer", "scheduler", "eval", "logger"):
+        node = OmegaConf.select(cfg, key, default=None)
+        if isinstance(node, DictConfig):
+            check_against_signatures(node, key)
     for entry in OmegaConf.select(cfg, "eval_after", default=None) or []:
         protocol = str(entry).split()[0]
         if not (CONF_DIR / "eval" / f"{protocol}.yaml").exists():
             options = ", ".join(sorted(p.stem for p in (CONF_DIR / "eval").glob("*.yaml")))
             raise UserError(f"eval_after: unknown protocol {protocol!r}; choose from: {options}")
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and str(value) not in allowed:
-            raise UserError(f"{key}={value} is not one of {', '.join(allowed)}")
 
 
-def check_command_line(args: list[str], config_name: str = "train") -> DictConfig | None:
-    """Compose the config once before Hydra runs, so that a typo in an override ends with one line
-    and exit status 2 instead of Hydra's report; returns it. Sweeps (-m) and Hydra's own flags are
-    left to Hydra (None)."""
-    check_plugins(args)
-    if any(a.startswith("-") for a in args):
-        return None
-    for override in args:  # `method=foo`: say which options exist
-        key, sep, value = override.lstrip("+~").partition("=")
-        group = CONF_DIR / key
-        known = sep and "." not in key and group.is_dir()
-        if known and value not in ("null", "") and not (group / f"{value}.yaml").exists():
-            options = sorted(p.stem for p in group.glob("*.yaml"))
-            fail(f"unknown {key} {value!r}; choose one of: {', '.join(options)}")
-    from hydra import compose, initialize_config_dir
+def check_structured(node: DictConfig, prefix: str) -> None:
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        return
+    for f in dataclasses.fields(schema):
+        value = node[f.name]
+        if isinstance(value, DictConfig):
+            check_structured(value, f"{prefix}{f.name}.")
+        elif "range" in f.metadata:
+            problem = f.metadata["range"].problem(value)
+            if problem:
+                raise UserError(f"{prefix}{f.name}={value} {problem}")
 
-    register_resolvers()
+
+def check_against_signatures(node: DictConfig, prefix: str) -> None:
+    """Each key of `node` that a parameter of its _target_ (or of its CONSUMERS entry) names, against
+    that parameter's type hint and range. Keys no signature names are left to the callable."""
+    hints: dict[str, tuple[Any, inspect.Parameter]] = {}
+    for path in (node.get("_target_"), CONSUMERS.get(prefix)):  # ssl_lab's own reading wins
+        if path:
+            hints.update(parameter_hints(get_object(str(path))))
+    for key, (hint, parameter) in hints.items():
+        if key not in node or key == "name":
+            continue
+        try:
+            value = node[key]
+        except InterpolationResolutionError:  # e.g. eval's logger.job_type=${method.name}: not ours yet
+            continue
+        check_value(f"{prefix}.{key}", value, hint, parameter.default)
+
+
+def parameter_hints(fn: Callable) -> dict[str, tuple[Any, inspect.Parameter]]:
+    """name -> (type hint with its Annotated extras, parameter) of a function's or class's parameters."""
+    target = fn.__init__ if inspect.isclass(fn) and not dataclasses.is_dataclass(fn) else fn
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name, overrides=[a for a in args if not a.startswith("hydra.")])
-    except Exception as e:  # Hydra's and OmegaConf's errors about the overrides themselves
-        fail(one_line(str(e)))
+        hints = typing.get_type_hints(target, include_extras=True)
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError, NameError):  # a builtin, or hints that do not resolve: unchecked
+        return {}
+    return {name: (hints[name], p) for name, p in parameters.items() if name in hints}
+
+
+def check_value(key: str, value: Any, hint: Any, default: Any = inspect.Parameter.empty) -> None:
+    hint, ranges = unannotated(hint)
+    if typing.get_origin(hint) is Literal and not matches(value, hint):
+        raise UserError(f"{key}={value} is not one of {', '.join(map(str, typing.get_args(hint)))}")
+    if not matches(value, hint):
+        got = type(value).__name__ if not isinstance(value, DictConfig | ListConfig) else "a mapping or list"
+        example = next((r.example for r in ranges if r.example), None)
+        if example is None and default not in (inspect.Parameter.empty, None):
+            example = f"{key}={default}"
+        shown = repr(value) if isinstance(value, str) else value
+        message = f"{key}={shown} should be {describe(hint)} (got {got})"
+        raise UserError(message + (f"; e.g. {example}" if example else ""))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # the range of the arm it matched
+        arm = next(a for a in typing.get_args(hint) if matches(value, a))
+        ranges = ranges + unannotated(arm)[1]
+    for r in ranges:
+        problem = r.problem(value)
+        if problem:
+            raise UserError(f"{key}={value} {problem}")
+
+
+def unannotated(hint: Any) -> tuple[Any, list[Range]]:
+    if typing.get_origin(hint) is Annotated:
+        base, *extras = typing.get_args(hint)
+        return base, [e for e in extras if isinstance(e, Range)]
+    return hint, []
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether a config value fits a type hint: int, float (an int too), bool, str, None, X | Y,
+    Literal[...], lists/tuples/sequences, mappings; anything else passes."""
+    hint, _ = unannotated(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, a) for a in args)
+    if origin is Literal:
+        return str(value) in {str(a) for a in args}
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    container = origin or hint
+    if inspect.isclass(container) and issubclass(container, Mapping):
+        return isinstance(value, DictConfig | dict)
+    if inspect.isclass(container) and issubclass(container, Sequence) and container is not str:
+        return isinstance(value, ListConfig | list | tuple)
+    return True
+
+
+def describe(hint: Any) -> str:
+    hint, _ = unannotated(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(describe(a) for a in args))
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if hint is float:
+        return "int or float"
+    container = origin or hint
+    if inspect.isclass(container) and issubclass(container, Mapping):
+        return "a mapping"
+    if inspect.isclass(container) and issubclass(container, Sequence) and container is not str:
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_command_line(args: list[str]) -> None:
+    """What can be said before Hydra starts: an option whose Hydra plugin is not installed."""
+    check_plugins(args)
 
 
 # options that need a Hydra plugin from an extra: (option prefix, plugin module, extra)
@@ -164,3 +336,6 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("ssl_lab_sweep_group", _sweep_group)
         OmegaConf.register_new_resolver("ssl_lab_eval_dir", rundir.eval_dir)
         OmegaConf.register_new_resolver("ssl_lab_wandb_name", _wandb_name)
+
+
+register_schemas()

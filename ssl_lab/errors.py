@@ -9,12 +9,21 @@ that says whose problem it is. Every entry point (train, eval, bench, report) re
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from typing import NoReturn
 
-from hydra.errors import HydraException, InstantiationException, MissingConfigException
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    InterpolationToMissingValueError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 
 class UserError(Exception):
@@ -53,21 +62,52 @@ def exit_status(e: BaseException) -> int:
 
 
 def user_message(e: BaseException) -> str:
-    """One line for the user; a UserError raised while Hydra instantiates arrives wrapped."""
-    if isinstance(e, InstantiationException) and isinstance(e.__cause__, UserError):
-        e = e.__cause__
-    if isinstance(e, MissingMandatoryValue):
-        return f"{e.full_key} is missing: add {e.full_key}=<value> to the command line"
+    """One line for the user: ours as raised (also when Hydra wraps one raised while it instantiates
+    or resolves), Hydra's and OmegaConf's about the config said in the same words."""
+    for cause in causes(e):
+        if isinstance(cause, tuple(REPORTED.values())):
+            return str(cause)
+    for cause in causes(e):
+        if isinstance(cause, MissingMandatoryValue | InterpolationToMissingValueError):
+            # the missing key itself: an interpolation's error names it only in its message
+            key = cause.full_key
+            if isinstance(cause, InterpolationToMissingValueError) or not key:
+                key = str(cause).splitlines()[0].rsplit(": ", 1)[-1]
+            return f"{key} is missing: add {key}=<value> to the command line"
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and e.options:
-        group = e.missing_cfg_file.rsplit("/", 1)[0]
-        option = e.missing_cfg_file.rsplit("/", 1)[-1]
+        group, _, option = e.missing_cfg_file.rpartition("/")
         return f"unknown {group} {option!r}; choose one of: {', '.join(sorted(e.options))}"
-    if isinstance(e, tuple(REPORTED.values())):
-        return str(e)
+    if isinstance(e.__cause__, ValidationError) and is_dataclass(e.__cause__.object_type):
+        return invalid_value(e.__cause__)
+    if isinstance(e.__cause__, ConfigAttributeError) and str(e).startswith("Could not override"):
+        key = str(e).split("'")[1]
+        return f"{key} is not a key of this config; `--cfg job` shows them ({one_line(str(e.__cause__))})"
     message = one_line(str(e))
-    if isinstance(e.__cause__, OmegaConfBaseException):  # Hydra's "Error merging override x=y": why
-        message = f"{message}: {one_line(str(e.__cause__))}"
+    if isinstance(e.__cause__, OmegaConfBaseException):  # Hydra's summary, then OmegaConf's reason
+        message = f"{message} ({one_line(str(e.__cause__))})"
     return message
+
+
+def causes(e: BaseException | None) -> list[BaseException]:
+    """`e` and the exceptions it was raised from or while handling (Hydra and OmegaConf wrap ours)."""
+    found: list[BaseException] = []
+    while e is not None and e not in found:
+        found.append(e)
+        e = e.__cause__ or e.__context__
+    return found
+
+
+def invalid_value(e: ValidationError) -> str:
+    """`key=value should be <type> (got <type>); e.g. <example>` for a value of the wrong type for a
+    structured config's field (ssl_lab/config.py), the example taken from the field."""
+    wanted = next((f for f in fields(e.object_type) if f.name == e.key), None)
+    kind = getattr(wanted, "type", "")
+    kind = str(kind).replace("Optional[", "").rstrip("]").replace(" | None", "")
+    kind = "int or float" if kind == "float" else kind
+    example = wanted.metadata["range"].example if wanted and "range" in wanted.metadata else None
+    value = repr(e.value) if isinstance(e.value, str) else e.value
+    message = f"{e.full_key}={value} should be {kind} (got {type(e.value).__name__})"
+    return message + (f"; e.g. {example}" if example else "")
 
 
 def one_line(message: str) -> str:
@@ -76,6 +116,23 @@ def one_line(message: str) -> str:
         line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith(skip)
     ]
     return " ".join(lines)
+
+
+def run_reporting_errors(main: Callable[[], object]) -> None:
+    """Run an entry point (a Hydra app's main, or a plain one) so that every error about the user's
+    input or the run ends as one line on stderr and its exit status: Hydra's own (an unknown option
+    or key, a value of the wrong type) reach here instead of Hydra's multi-line report."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its report
+    try:
+        main()
+    except JobFailed:  # a sweep with a failed job, reported when it failed
+        sys.exit(1)
+    except Interrupted as e:
+        sys.exit(128 + e.signum)
+    except USER_FACING as e:
+        if int(os.environ.get("RANK", 0)) == 0:  # the same error on every process: say it once
+            print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(exit_status(e))
 
 
 def fail(message: str) -> NoReturn:

@@ -30,6 +30,7 @@ from ssl_lab.errors import (
     JobFailed,
     UserError,
     exit_status,
+    run_reporting_errors,
     user_message,
 )
 from ssl_lab.rundir import set_status
@@ -111,7 +112,7 @@ def _spawned_worker(config: dict, run_dir: str, errors: str) -> float | None:
 
 def cli() -> None:
     check_command_line(sys.argv[1:])
-    main()
+    run_reporting_errors(main)
 
 
 if __name__ == "__main__":

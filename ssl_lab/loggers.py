@@ -5,10 +5,25 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class LoggerSettings:
+    """conf/logger/*.yaml: `none` (metrics.jsonl only) or `wandb` (also Weights & Biases)."""
+
+    name: str  # wandb | none
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str | None = None
+    entity: str | None = None
+    group: str | None = None
+    job_type: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
 
 
 class RunLogger:
@@ -21,6 +36,7 @@ class RunLogger:
         self.path = run_dir / "metrics.jsonl"
         self.wandb_run = None
         self.run_id = run_id
+        cfg = LoggerSettings(**OmegaConf.to_container(cfg, resolve=True))
         if enabled and cfg.name == "wandb" and cfg.mode != "disabled":
             import wandb
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
+from typing import Literal
 
 import hydra.utils
 import torch
@@ -12,10 +14,19 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
+from ssl_lab.config import NonNegativeFloat, PositiveFloat, Probability
 from ssl_lab.errors import UserError
 
-# Keys of conf/optimizer/*.yaml that ssl_lab consumes; the rest go to the optimizer class.
-OWN_KEYS = ("base_lr", "lr_scaling", "weight_decay", "exclude_bias_and_norm")
+
+@dataclass
+class OptimizerKeys:
+    """The keys of conf/optimizer/*.yaml that ssl_lab reads itself; the rest go to the optimizer class.
+    Their types and ranges are what the config check holds a config to."""
+
+    base_lr: PositiveFloat  # the rate for a batch of 256, scaled to batch_size by lr_scaling
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
+    weight_decay: NonNegativeFloat = 0.0
+    exclude_bias_and_norm: bool = True  # no weight decay (nor LARS adaptation) on biases and norms
 
 
 def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
@@ -30,26 +41,25 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
 def build_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int) -> torch.optim.Optimizer:
     """Biases and normalisation parameters (every parameter with ndim <= 1) get no weight decay;
     for LARS this also exempts them from the trust-ratio adaptation."""
-    lr = scaled_lr(cfg.base_lr, batch_size, cfg.lr_scaling)
-    if cfg.exclude_bias_and_norm:
-        params = param_groups_weight_decay(model, weight_decay=cfg.weight_decay)
-    else:
-        params = [
-            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}
-        ]
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     optimizer_class = hydra.utils.get_class(kwargs.pop("_target_"))
-    for key in OWN_KEYS:
-        kwargs.pop(key)
-    return optimizer_class(params, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+    own = OptimizerKeys(**{f.name: kwargs.pop(f.name) for f in fields(OptimizerKeys) if f.name in kwargs})
+    lr = scaled_lr(own.base_lr, batch_size, own.lr_scaling)
+    if own.exclude_bias_and_norm:
+        params = param_groups_weight_decay(model, weight_decay=own.weight_decay)
+    else:
+        params = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": own.weight_decay}
+        ]
+    return optimizer_class(params, lr=lr, weight_decay=own.weight_decay, **kwargs)
 
 
 def warmup_cosine(
     optimizer: torch.optim.Optimizer,
     steps_per_epoch: int,
     epochs: int,
-    warmup_epochs: float = 10,
-    min_lr_ratio: float = 0.0,
+    warmup_epochs: NonNegativeFloat = 10,
+    min_lr_ratio: Probability = 0.0,
 ) -> Scheduler:
     """Linear warm-up from 0 to the peak lr, then cosine decay to min_lr_ratio * peak, per step."""
     total = max(1, steps_per_epoch * epochs)
@@ -67,7 +77,7 @@ def warmup_cosine(
 
 
 def constant(
-    optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: float = 0
+    optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int, warmup_epochs: NonNegativeFloat = 0
 ) -> Scheduler:
     warmup = round(warmup_epochs * steps_per_epoch)
     return StepLRScheduler(

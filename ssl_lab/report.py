@@ -24,6 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ssl_lab.errors import fail
+
 # (row key, Markdown header, decimals): the numbers every job gets, in table order.
 NUMBERS = [
     ("steps", "steps", 0),
@@ -216,20 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where report.{md,csv,png} go (default: run_dir)")
     args = parser.parse_args(argv)
 
-    def fail(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-
     if not args.run_dir.is_dir():
         problem = "is not a directory" if args.run_dir.exists() else "does not exist"
-        return fail(f"{args.run_dir} {problem}; {USAGE_HINT}")
+        fail(f"{args.run_dir} {problem}; {USAGE_HINT}")
     rows = collect(args.run_dir)
     if not rows:
-        return fail(f"no runs (metrics.jsonl or .hydra/overrides.yaml) under {args.run_dir}; {USAGE_HINT}")
+        fail(f"no runs (metrics.jsonl or .hydra/overrides.yaml) under {args.run_dir}; {USAGE_HINT}")
     try:
         paths = write_report(rows, args.out or args.run_dir)
     except OSError as e:
-        return fail(f"cannot write the report ({e}); pass --out <a writable dir>")
+        fail(f"cannot write the report ({e}); pass --out <a writable dir>")
     print(markdown(rows))
     for path in paths.values():
         print(f"Wrote {path}")

@@ -40,6 +40,23 @@ def shared_run_dir(own_dir: Path) -> Path:
     return run_dir
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """A .pt file, or a run dir: its final.pt, else its last.pt."""
+    path = Path(str(path)).expanduser()
+    if path.is_dir():
+        found = next((path / n for n in ("final.pt", "last.pt") if (path / n).exists()), None)
+        if found is None:
+            raise UserError(
+                f"checkpoint={path} holds no final.pt or last.pt; pass a pretraining run dir or .pt file"
+            )
+        return found
+    if not path.exists():
+        raise UserError(
+            f"checkpoint={path} does not exist; pass a pretraining run dir or its final.pt/last.pt"
+        )
+    return path
+
+
 def resume_checkpoint(run_dir: Path, resume: object) -> Path:
     path = run_dir / "last.pt"
     if not path.exists():
@@ -204,6 +221,6 @@ def hydra_subdir(resume: object) -> str | None:
 
 
 def eval_dir(checkpoint: str) -> str:
-    """python -m ssl_lab.eval works in the pretraining run's dir (that of checkpoint=<dir or .pt>)."""
-    path = Path(str(checkpoint)).expanduser()
-    return str(path if path.is_dir() else path.parent)
+    """python -m ssl_lab.eval works in the pretraining run's dir (that of checkpoint=<dir or .pt>);
+    checked here, before Hydra makes the dir, so that a wrong path creates nothing."""
+    return str(find_checkpoint(checkpoint).parent)

@@ -9,6 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import ssl_lab.config  # noqa: F401  (registers the schemas and resolvers the configs name)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 # A small, fast composition for tests that train: a tiny timm ResNet on a few hundred images.

@@ -144,3 +144,96 @@ def test_precision_auto_is_bf16_on_gpus_and_32_bit_on_cpus(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert precision_dtype("auto", torch.device("cuda")) is None
     assert precision_dtype(32, torch.device("cuda")) is None
+
+
+def test_the_runner_keys_are_structured_configs() -> None:
+    """conf/train.yaml's own keys are typed by ssl_lab.config's dataclasses (Hydra's ConfigStore)."""
+    from omegaconf import OmegaConf
+
+    from ssl_lab.config import MonitorConfig, TrainConfig, TrainerConfig
+
+    cfg = compose_cfg([])
+    assert OmegaConf.get_type(cfg) is TrainConfig
+    assert (
+        OmegaConf.get_type(cfg.trainer) is TrainerConfig and OmegaConf.get_type(cfg.monitor) is MonitorConfig
+    )
+    with pytest.raises(Exception) as error:
+        compose_cfg(["trainer.num_workers=two"])
+    assert "could not be converted to Integer" in str(error.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["epochs=-1"], "epochs=-1 must not be negative"),
+        (["batch_size=0"], "batch_size=0 must be at least 1"),
+        (["monitor.temperature=0"], "monitor.temperature=0.0 must be positive"),
+        (["trainer.num_workers=-1"], "trainer.num_workers=-1 must not be negative"),
+        (["optimizer.base_lr=-1"], "optimizer.base_lr=-1 must be positive"),
+        (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1 must not be negative"),
+        (["optimizer.lr_scaling=cube"], "optimizer.lr_scaling=cube is not one of linear, sqrt"),
+        (["method.temperature=0"], "method.temperature=0 must be positive"),
+        (["method=nnclr", "method.queue_size=0"], "method.queue_size=0 must be at least 1"),
+        (["augment.flip_p=1.5"], "augment.flip_p=1.5 must be at most 1"),
+        (["scheduler.warmup_epochs=-1"], "scheduler.warmup_epochs=-1 must not be negative"),
+        (["data.image_size=0"], "data.image_size=0 must be at least 1"),
+        (["data.image_size=big"], "data.image_size='big' should be int (got str); e.g. data.image_size=32"),
+        (["data.limit_train=0"], "data.limit_train=0 must be at least 1"),
+        (["logger=wandb", "logger.mode=onlin"], "logger.mode=onlin is not one of offline, online, disabled"),
+    ],
+)
+def test_types_and_ranges_are_checked_where_the_values_are_defined(
+    overrides: list[str], message: str
+) -> None:
+    from ssl_lab.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        check_config(compose_cfg(overrides))
+    assert str(error.value) == message
+
+
+def test_eval_protocol_settings_are_checked_against_the_protocol() -> None:
+    from ssl_lab.errors import UserError
+    from ssl_lab.eval.run import compose_eval
+
+    ok = compose_eval(["checkpoint=x", "eval=finetune", "eval.label_fraction=1.0"])
+    check_config(ok)
+    for overrides, message in (
+        (["eval=finetune", "eval.label_fraction=1.5"], "eval.label_fraction=1.5 must be at most 1"),
+        (["eval=knn", "eval.k=0"], "eval.k=0 must be at least 1"),
+        (
+            ["eval=linear", "eval.base_lr=fast"],
+            "eval.base_lr='fast' should be int or float (got str); e.g. eval.base_lr=0.1",
+        ),
+    ):
+        with pytest.raises(UserError) as error:
+            check_config(compose_eval(["checkpoint=x", *overrides]))
+        assert str(error.value) == message
+
+
+def test_valid_values_pass_and_null_where_allowed() -> None:
+    for overrides in (
+        ["trainer.grad_clip=null"],
+        ["trainer.grad_clip=0"],
+        ["data.limit_train=null"],
+        ["method.proj_hidden_dim=null"],
+    ):
+        check_config(compose_cfg(overrides))
+
+
+def test_a_config_dir_of_ones_own_adds_options(tmp_path: Path) -> None:
+    """hydra.searchpath adds a user's own options: the command line is composed once, by Hydra, so
+    no check of ours knows only conf/ (and an unknown option is still one line, with the new one listed)."""
+    from conftest import run_cli
+
+    (tmp_path / "mine" / "method").mkdir(parents=True)
+    (tmp_path / "mine" / "method" / "simclr_cold.yaml").write_text(
+        "defaults:\n  - simclr\n  - _self_\ntemperature: 0.07\n"
+    )
+    searchpath = f"hydra.searchpath=[file://{tmp_path / 'mine'}]"
+    shown = run_cli(searchpath, "method=simclr_cold", "--cfg", "job", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "temperature: 0.07" in shown.stdout
+    typo = run_cli(searchpath, "method=simclr_cld", "epochs=0", cwd=tmp_path)
+    assert typo.returncode == 2 and typo.stderr.startswith("error: unknown method 'simclr_cld'")
+    assert "simclr_cold" in typo.stderr and len(typo.stderr.splitlines()) == 1

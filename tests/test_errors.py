@@ -44,6 +44,9 @@ def test_bad_input_on_the_command_line(args: list[str], fragments: list[str], wo
         (["epochs=1.5"], r"epochs=1.5 should be int \(got float\)"),
         (["optimizer.base_lr=fast"], "optimizer.base_lr='fast' should be int or float"),
         (["trainer.precision=fp8"], "trainer.precision=fp8 is not one of auto, 32, bf16, 16"),
+        (["epochs=-1"], "^error: epochs=-1 must not be negative$"),
+        (["optimizer.base_lr=-1"], "^error: optimizer.base_lr=-1 must be positive$"),
+        (["trainer.devise=cpu"], "trainer.devise is not a key of this config"),
         (
             ["backbone=timm", "backbone.name=resnet_does_not_exist"],
             "timm has no model named 'resnet_does_not_exist'",

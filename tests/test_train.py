@@ -176,15 +176,3 @@ def test_wandb_offline_run_is_continued_on_resume(workdir: Path) -> None:
     second = run_cli(*[a for a in args if a != "epochs=1"], "epochs=2", "resume=run", cwd=workdir)
     assert second.returncode == 0, second.stderr
     assert checkpoint.load(workdir / "run" / "final.pt")["wandb_id"] == run_id
-
-
-def test_resume_moves_rows_after_the_checkpoint_aside(tmp_path: Path) -> None:
-    from ssl_lab.rundir import drop_metrics_after
-
-    rows = [{"step": s, "train/loss": 1.0} for s in (0, 8, 16, 17)]
-    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 18, "train/lo'  # cut by kill -9
-    (tmp_path / "metrics.jsonl").write_text(text)
-    drop_metrics_after(tmp_path, step=16)
-    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 8, 16]
-    discarded = (tmp_path / "metrics.discarded.jsonl").read_text().splitlines()
-    assert len(discarded) == 2 and json.loads(discarded[0])["step"] == 17

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ssl_lab.config import PositiveFloat, PositiveInt, Probability
+
 ORDERS = torch.tensor(list(itertools.permutations(range(4))))  # jitter op orders: 24 x 4
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 CROP_TRIES = 10
@@ -136,15 +138,15 @@ class Augment(torch.nn.Module):
 
     def __init__(
         self,
-        size: int,
+        size: PositiveInt,
         crop_scale: Sequence[float] = (0.08, 1.0),
         crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
+        flip_p: Probability = 0.5,
         jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
-        jitter_p: float = 0.8,
-        gray_p: float = 0.2,
-        blur_p: float = 0.0,
-        blur_kernel_frac: float = 0.1,
+        jitter_p: Probability = 0.8,
+        gray_p: Probability = 0.2,
+        blur_p: Probability = 0.0,
+        blur_kernel_frac: PositiveFloat = 0.1,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),

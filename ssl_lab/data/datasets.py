@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ssl_lab.config import NonNegativeFloat, NonNegativeInt, PositiveInt
 from ssl_lab.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -154,15 +155,15 @@ def folder_split(
 
 
 def synthetic(
-    image_size: int = 32,
-    num_train: int = 10000,
-    num_test: int = 2000,
-    num_classes: int = 10,
+    image_size: PositiveInt = 32,
+    num_train: PositiveInt = 10000,
+    num_test: PositiveInt = 2000,
+    num_classes: PositiveInt = 10,
     seed: int = 0,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
-    limit_train: int | None = None,
-    limit_test: int | None = None,
+    limit_train: PositiveInt | None = None,
+    limit_test: PositiveInt | None = None,
     **_: object,
 ) -> DataSplits:
     from ssl_lab.data.synthetic import make_synthetic
@@ -182,12 +183,12 @@ def cifar(
     name: str,
     root: str,
     download: bool = False,
-    image_size: int = 32,
-    limit_train: int | None = None,
-    limit_test: int | None = None,
+    image_size: PositiveInt = 32,
+    limit_train: PositiveInt | None = None,
+    limit_test: PositiveInt | None = None,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
-    num_workers: int = 2,
+    num_workers: NonNegativeInt = 2,
     **_: object,
 ) -> DataSplits:
     """CIFAR-10/100 from torchvision's format (downloadable) or an ImageFolder tree with train/ and test/."""
@@ -226,9 +227,9 @@ def cifar(
 def stl10(
     root: str,
     download: bool = False,
-    image_size: int = 96,
-    limit_train: int | None = None,
-    limit_test: int | None = None,
+    image_size: PositiveInt = 96,
+    limit_train: PositiveInt | None = None,
+    limit_test: PositiveInt | None = None,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
     **_: object,
@@ -259,15 +260,15 @@ def stl10(
 
 def imagefolder(
     root: str,
-    image_size: int = 64,
+    image_size: PositiveInt = 64,
     labelled: bool = True,
     in_memory: bool | str = "auto",
-    max_memory_gb: float = 8,
-    limit_train: int | None = None,
-    limit_test: int | None = None,
+    max_memory_gb: NonNegativeFloat = 8,
+    limit_train: PositiveInt | None = None,
+    limit_test: PositiveInt | None = None,
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
-    num_workers: int = 2,
+    num_workers: NonNegativeInt = 2,
     **_: object,
 ) -> DataSplits:
     """root/train + root/test (or root/val) of class folders; or any folder of images (no labels)."""

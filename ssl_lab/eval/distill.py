@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ssl_lab import checkpoint
-from ssl_lab.config import CONF_DIR
+from ssl_lab.config import CONF_DIR, LabelFraction, NonNegativeFloat, PositiveFloat, PositiveInt
 from ssl_lab.errors import UserError
 from ssl_lab.eval.common import EvalContext, fit, percent, test_accuracy, train_augment
 from ssl_lab.eval.finetune import classifier
@@ -51,14 +51,14 @@ def student_backbone(ctx: EvalContext, name: str | None) -> nn.Module:
 
 def evaluate(
     ctx: EvalContext,
-    label_fraction: float = 0.1,
+    label_fraction: LabelFraction = 0.1,
     teacher: str | None = None,
     student: str | None = None,
-    temperature: float = 1.0,
-    epochs: int = 30,
-    batch_size: int = 256,
-    base_lr: float = 0.1,
-    weight_decay: float = 1.0e-4,
+    temperature: PositiveFloat = 1.0,
+    epochs: PositiveInt = 30,
+    batch_size: PositiveInt = 256,
+    base_lr: PositiveFloat = 0.1,
+    weight_decay: NonNegativeFloat = 1.0e-4,
 ) -> dict[str, float]:
     name = f"distill_{percent(label_fraction)}"
     path = Path(teacher).expanduser() if teacher else ctx.run_dir / f"finetune_{percent(label_fraction)}.pt"

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_lab import checkpoint
+from ssl_lab.config import LabelFraction, NonNegativeFloat, PositiveFloat, PositiveInt
 from ssl_lab.errors import UserError
 from ssl_lab.eval.common import EvalContext, copy_backbone, fit, percent, test_accuracy, train_augment
 
@@ -38,12 +39,12 @@ def classifier(backbone: nn.Module, num_features: int, num_classes: int) -> nn.S
 
 def evaluate(
     ctx: EvalContext,
-    label_fraction: float = 0.1,
+    label_fraction: LabelFraction = 0.1,
     subset_seed: int = 0,
-    epochs: int = 30,
-    batch_size: int = 256,
-    base_lr: float = 0.05,
-    weight_decay: float = 0.0,
+    epochs: PositiveInt = 30,
+    batch_size: PositiveInt = 256,
+    base_lr: PositiveFloat = 0.05,
+    weight_decay: NonNegativeFloat = 0.0,
     crop_scale: tuple[float, float] = (0.08, 1.0),
     save: bool = True,
 ) -> dict[str, float]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssl_lab.config import PositiveFloat, PositiveInt
 from ssl_lab.data.datasets import DataSplits
 from ssl_lab.eval.common import EvalContext, features, topk
 
@@ -48,7 +49,9 @@ def knn_accuracy(
     return topk(scores, data.test.labels)
 
 
-def evaluate(ctx: EvalContext, k: int = 200, temperature: float = 0.1, batch_size: int = 512) -> dict:
+def evaluate(
+    ctx: EvalContext, k: PositiveInt = 200, temperature: PositiveFloat = 0.1, batch_size: PositiveInt = 512
+) -> dict:
     """eval=knn."""
     result = knn_accuracy(ctx.backbone, ctx.data, k, temperature, **ctx.feature_options(batch_size))
     return {"eval/knn_top1": result["top1"], "eval/knn_top5": result["top5"]}

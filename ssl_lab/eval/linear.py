@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssl_lab.config import NonNegativeFloat, PositiveFloat, PositiveInt
 from ssl_lab.errors import UserError
 from ssl_lab.eval.common import (
     EvalContext,
@@ -80,12 +81,12 @@ def train_linear(
 
 def evaluate(
     ctx: EvalContext,
-    epochs: int = 100,
-    batch_size: int = 256,
-    base_lr: float = 0.1,
-    weight_decay: float = 0.0,
+    epochs: PositiveInt = 100,
+    batch_size: PositiveInt = 256,
+    base_lr: PositiveFloat = 0.1,
+    weight_decay: NonNegativeFloat = 0.0,
     augment: bool = False,
-    feature_batch_size: int = 512,
+    feature_batch_size: PositiveInt = 512,
 ) -> dict[str, float]:
     if epochs < 1:
         raise UserError(f"eval.epochs={epochs} must be at least 1")

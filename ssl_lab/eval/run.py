@@ -19,33 +19,15 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import MissingMandatoryValue
 
 from ssl_lab import checkpoint
 from ssl_lab.build import build_model, pick_device, precision_dtype
 from ssl_lab.config import CONF_DIR, check_command_line, check_config, register_resolvers
 from ssl_lab.data.datasets import DataSplits
-from ssl_lab.errors import USER_FACING, UserError, exit_status, fail, one_line, user_message
+from ssl_lab.errors import USER_FACING, UserError, exit_status, one_line, run_reporting_errors, user_message
 from ssl_lab.eval.common import EvalContext
 from ssl_lab.loggers import RunLogger
-from ssl_lab.rundir import write_json
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A .pt file, or a run dir: its final.pt, else its last.pt."""
-    path = Path(str(path)).expanduser()
-    if path.is_dir():
-        found = next((path / n for n in ("final.pt", "last.pt") if (path / n).exists()), None)
-        if found is None:
-            raise UserError(
-                f"checkpoint={path} holds no final.pt or last.pt; pass a pretraining run dir or .pt file"
-            )
-        return found
-    if not path.exists():
-        raise UserError(
-            f"checkpoint={path} does not exist; pass a pretraining run dir or its final.pt/last.pt"
-        )
-    return path
+from ssl_lab.rundir import find_checkpoint, write_json
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -186,12 +168,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    cfg = check_command_line(sys.argv[1:], config_name="eval")
-    if cfg is not None:
-        try:
-            find_checkpoint(cfg.checkpoint)
-        except MissingMandatoryValue:
-            fail("checkpoint is missing: add checkpoint=<pretraining run dir or its final.pt>")
-        except UserError as e:
-            fail(str(e))
-    main()
+    check_command_line(sys.argv[1:])
+    run_reporting_errors(main)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_lab import distributed
+from ssl_lab.config import PositiveFloat, PositiveInt
 from ssl_lab.methods.base import Method, mlp
 from ssl_lab.methods.simclr import nt_xent
 
@@ -41,11 +42,11 @@ class NNCLR(Method):
     def __init__(
         self,
         backbone: nn.Module,
-        temperature: float = 0.1,
-        queue_size: int = 65536,
-        proj_hidden_dim: int = 2048,
-        proj_output_dim: int = 256,
-        pred_hidden_dim: int = 4096,
+        temperature: PositiveFloat = 0.1,
+        queue_size: PositiveInt = 65536,
+        proj_hidden_dim: PositiveInt = 2048,
+        proj_output_dim: PositiveInt = 256,
+        pred_hidden_dim: PositiveInt = 4096,
         gather_distributed: bool = True,
         name: str = "nnclr",
     ) -> None:

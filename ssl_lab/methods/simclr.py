@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_lab import distributed
+from ssl_lab.config import PositiveFloat, PositiveInt
 from ssl_lab.methods.base import Method, mlp
 
 
@@ -33,9 +34,9 @@ class SimCLR(Method):
     def __init__(
         self,
         backbone: nn.Module,
-        temperature: float = 0.5,
-        proj_hidden_dim: int | None = None,
-        proj_output_dim: int = 128,
+        temperature: PositiveFloat = 0.5,
+        proj_hidden_dim: PositiveInt | None = None,
+        proj_output_dim: PositiveInt = 128,
         gather_distributed: bool = True,
         name: str = "simclr",
     ) -> None:

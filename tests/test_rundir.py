@@ -1,0 +1,34 @@
+"""The run dir's bookkeeping: metrics trimmed on resume, finding the checkpoint to evaluate or resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ssl_lab.errors import UserError
+from ssl_lab.loggers import read_metrics
+from ssl_lab.rundir import drop_metrics_after, find_checkpoint, resume_checkpoint
+
+
+def test_resume_moves_rows_after_the_checkpoint_aside(tmp_path: Path) -> None:
+    rows = [{"step": s, "train/loss": 1.0} for s in (0, 8, 16, 17)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 18, "train/lo'  # cut by kill -9
+    (tmp_path / "metrics.jsonl").write_text(text)
+    drop_metrics_after(tmp_path, step=16)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 8, 16]
+    discarded = (tmp_path / "metrics.discarded.jsonl").read_text().splitlines()
+    assert len(discarded) == 2 and json.loads(discarded[0])["step"] == 17
+
+
+def test_find_checkpoint_prefers_final_and_says_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        find_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="holds no final.pt or last.pt"):
+        find_checkpoint(tmp_path)
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert find_checkpoint(tmp_path) == tmp_path / "last.pt"
+    (tmp_path / "final.pt").write_bytes(b"")
+    assert find_checkpoint(tmp_path) == tmp_path / "final.pt"
+    assert resume_checkpoint(tmp_path, True) == tmp_path / "last.pt"
+    with pytest.raises(UserError, match="nothing to resume"):
+        resume_checkpoint(tmp_path / "other", True)
