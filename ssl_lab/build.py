@@ -60,6 +60,10 @@ def build_model(cfg: DictConfig, device: torch.device, world: int = 1) -> Method
         convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm if device.type == "cuda" else None
         model = convert(model) if convert else distributed.SyncBatchNorm.convert(model)
     model = model.to(device)
+    if device.type == "cuda":
+        # Fixed shapes: cuDNN's autotuner pays after the first steps. TF32 stays as torch has it
+        # (off for matmuls), so the losses' fp32 matmuls stay fp32.
+        torch.backends.cudnn.benchmark = True
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -90,7 +94,7 @@ class TrainStep:
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.autocast_dtype, self.grad_clip, self.channels_last = autocast_dtype, grad_clip, channels_last
         self.batch_size, self.total_steps, self.rank, self.world = batch_size, total_steps, rank, world
-        self.variants: dict[tuple, Augment] = {}
+        self.variants: dict[str, Augment] = {}
 
     def views(self, images: torch.Tensor, rng: torch.Generator) -> list[torch.Tensor]:
         """The method's views of this process's images. Parameters are drawn for the whole global batch
@@ -99,7 +103,7 @@ class TrainStep:
         def draw(**changes) -> torch.Tensor:
             augment = self.augment
             if changes:
-                key = tuple(sorted(changes.items()))
+                key = repr(sorted(changes.items()))  # lists are not hashable
                 if key not in self.variants:
                     self.variants[key] = self.augment.variant(**changes).to(images.device)
                 augment = self.variants[key]

@@ -24,6 +24,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already trained on (a mid-epoch stop)
     step: int = 0
     aug_rng: torch.Tensor | None = None  # the augmentation stream's state at a mid-epoch stop
+    aug_rng_device: str = "cpu"  # the device type of that stream's generator
     wandb_id: str | None = None
     knn_init: float | None = None  # the kNN monitor at random init
 
@@ -38,6 +39,7 @@ class TrainState:
             "step": self.step,
             "rng": rng_state(),
             "aug_rng": self.aug_rng,
+            "aug_rng_device": self.aug_rng_device,
             "wandb_id": self.wandb_id,
             "knn_init": self.knn_init,
         }
@@ -45,6 +47,7 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.aug_rng, self.wandb_id, self.knn_init = state["aug_rng"], state["wandb_id"], state["knn_init"]
+        self.aug_rng_device = state.get("aug_rng_device", "cpu")
         set_rng_state(state["rng"])
 
 
@@ -68,6 +71,9 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Also on another machine: GPU streams go to the GPUs present (a CPU-only machine, or one with
+    fewer GPUs, keeps those it has)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)

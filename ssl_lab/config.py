@@ -99,6 +99,7 @@ class TrainerConfig:
     progress: bool = knob("trainer.progress=false")
     sync_batchnorm: bool = knob("trainer.sync_batchnorm=true")
     nproc_per_node: int = knob("trainer.nproc_per_node=2", min=1)
+    dist_timeout_s: float = knob("trainer.dist_timeout_s=1800", gt=0)
 
 
 @dataclass

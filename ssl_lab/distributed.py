@@ -2,7 +2,8 @@
 asks `is_main()`.
 
 Single-process runs need no process group. Under torchrun, or `srun`/submitit on SLURM (one task per
-GPU), the environment names rank and world, and `init()` joins the group: NCCL on GPUs, gloo on CPU.
+GPU), the environment names rank and world, and `init()` joins the group: NCCL (with gloo for CPU tensors)
+on GPUs, gloo on CPU. Every helper makes its tensors on `collective_device()`.
 `spawn()` starts the processes itself, for a sweep job that trains on several (trainer.nproc_per_node).
 """
 
@@ -14,6 +15,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -71,17 +73,35 @@ def first_host(nodelist: str) -> str:
     return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 
 
-def init(device: torch.device) -> torch.device:
+_collective_device = torch.device("cpu")
+
+
+def init(device: torch.device, timeout_s: float | None = None) -> torch.device:
     """Join the process group when launched with several processes; returns this process's device
-    (its own GPU, by local rank)."""
+    (its own GPU, by local rank). On GPUs the group has both backends ("cpu:gloo,cuda:nccl"), so a
+    stray CPU tensor cannot crash a run, and `device_id` binds NCCL to the GPU so it fails fast.
+    A collective that waits longer than `timeout_s` (a dead peer) fails instead of hanging."""
+    global _collective_device
+    if device.type == "cuda" and world_size() > 1:
+        device = torch.device("cuda", local_rank())
     if world_size() > 1 and not dist.is_initialized():
         os.environ.update(launch_env())  # under SLURM: the env:// rendezvous reads these
+        options: dict[str, Any] = {}
+        if timeout_s:
+            options["timeout"] = timedelta(seconds=timeout_s)
         if device.type == "cuda":
-            torch.cuda.set_device(local_rank())
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda" and world_size() > 1:
-        return torch.device("cuda", local_rank())
+            torch.cuda.set_device(device)
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, **options)
+        else:
+            dist.init_process_group("gloo", **options)
+    _collective_device = device
     return device
+
+
+def collective_device() -> torch.device:
+    """Where the helpers below put the tensors they make: the process group's device (its GPU under
+    NCCL), so that no collective gets a tensor on another device."""
+    return _collective_device
 
 
 def spawn(fn: Callable[..., Any], args: tuple, nproc: int) -> Any:
@@ -189,14 +209,15 @@ def mean(x: torch.Tensor) -> torch.Tensor:
     """The mean of `x` over processes (for logging: each process's loss is over its own rows)."""
     if world_size() == 1:
         return x
-    x = x.detach().clone()
+    x = x.detach().to(collective_device(), copy=True)
     dist.all_reduce(x)
     return x / world_size()
 
 
-def any_rank(flag: bool | torch.Tensor, device: torch.device | str = "cpu") -> bool:
-    """True on every process if it is true on any: ranks stop (signal, NaN) at the same step."""
-    value = torch.as_tensor(flag, dtype=torch.int32, device=device).reshape(())
+def any_rank(flag: bool | torch.Tensor) -> bool:
+    """True on every process if it is true on any: ranks stop (signal, NaN) at the same step. A host
+    sync: call it at log steps, not every step."""
+    value = torch.as_tensor(flag).to(collective_device(), torch.int32).reshape(())
     if world_size() > 1:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.MAX)

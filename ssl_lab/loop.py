@@ -69,7 +69,8 @@ class Run:
 
 class Stop:
     """SIGTERM, SIGUSR1/SIGUSR2 (SLURM's and submitit's warnings before the time limit) or a first
-    Ctrl-C ask the loop to checkpoint and stop at the next step boundary; a second Ctrl-C stops at once."""
+    Ctrl-C ask the loop to checkpoint and stop at the next log step (every trainer.log_every steps,
+    where the processes agree on it); a second Ctrl-C stops at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -131,8 +132,13 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
     batch_size, steps_per_epoch = cfg.batch_size, len(run.data.train) // cfg.batch_size
     run.step.model.train()
     aug_rng = torch.Generator(device).manual_seed(cfg.seed * 100_003 + state.epoch + 7)
-    if state.aug_rng is not None:  # mid-epoch resume: continue the augmentation stream
-        aug_rng.set_state(state.aug_rng)
+    if state.aug_rng is not None and state.aug_rng_device == device.type:  # mid-epoch resume
+        aug_rng.set_state(state.aug_rng)  # continue the augmentation stream
+    elif state.aug_rng is not None:  # saved on another kind of device: its stream cannot continue here
+        aug_rng.manual_seed(cfg.seed * 100_003 + state.epoch * 1_000_003 + state.batch_in_epoch)
+        if run.main_process:
+            print(f"resumed on {device.type} from a {state.aug_rng_device} run: the rest of epoch "
+                  f"{state.epoch} draws a new augmentation stream", flush=True)  # fmt: skip
     order = epoch_order(len(run.data.train), cfg.seed, state.epoch)[state.batch_in_epoch * batch_size :]
     loader = batches(
         run.data.train, order, batch_size, drop_last=True, num_workers=cfg.trainer.num_workers,
@@ -170,17 +176,17 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
             )  # fmt: skip
             window_loss.zero_()
             window_steps, window_start = 0, time.perf_counter()
-        if stop.requested():
-            break
+            if stop.requested():  # agreed at log steps, where the loop syncs anyway
+                break
     bar.close()
     check_finite(nonfinite, state, run.run_dir)
     if state.batch_in_epoch < steps_per_epoch:
-        state.aug_rng = aug_rng.get_state()
+        state.aug_rng, state.aug_rng_device = aug_rng.get_state(), device.type
     return metrics
 
 
 def check_finite(nonfinite: torch.Tensor, state: TrainState, run_dir: Path) -> None:
-    if distributed.any_rank(nonfinite, nonfinite.device):
+    if distributed.any_rank(nonfinite):
         last = run_dir / "last.pt"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
         raise TrainingDiverged(

@@ -31,7 +31,7 @@ from ssl_lab.rundir import drop_metrics_after, recorded, resume_checkpoint, shar
 def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     """Pretrain as `cfg` says; returns the final kNN top-1 (None for unlabelled data)."""
     check_config(cfg)
-    device = distributed.init(pick_device(cfg.trainer.device))
+    device = distributed.init(pick_device(cfg.trainer.device), cfg.trainer.dist_timeout_s)
     rank, world = distributed.rank(), distributed.world_size()
     check_batch_divides(cfg.batch_size, world)
     run_dir = shared_run_dir(run_dir or Path(HydraConfig.get().runtime.output_dir))

@@ -394,3 +394,35 @@ def test_nan_on_one_process_stops_all_at_the_same_step(tmp_path: Path) -> None:
     state = checkpoint.load(tmp_path / "last.pt")
     assert state["epoch"] == 1 and not (tmp_path / "final.pt").exists()
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_every_collective_gets_a_tensor_on_the_group_device(monkeypatch) -> None:
+    """Under NCCL a collective on a CPU tensor raises at step 1: every helper must make its tensors on
+    the group's device. A spy records the device of each tensor handed to torch.distributed; the meta
+    device stands in for a GPU."""
+    import contextlib
+
+    import ssl_lab.distributed as d
+
+    meta = torch.device("meta")
+    seen: list[tuple[str, torch.device]] = []
+
+    def spy(name: str):
+        def collective(tensors, *args, **kwargs):
+            for t in tensors if isinstance(tensors, list) else [tensors, *args[:1]]:
+                if isinstance(t, torch.Tensor):
+                    seen.append((name, t.device))
+
+        return collective
+
+    monkeypatch.setattr(d, "world_size", lambda: 2)
+    monkeypatch.setattr(d, "_collective_device", meta, raising=False)
+    for name in ("all_reduce", "all_gather", "broadcast"):
+        monkeypatch.setattr(d.dist, name, spy(name))
+    for flag in (True, torch.tensor(False)):  # a Python flag (a signal) and a CPU tensor
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # .item() of a meta tensor
+            d.any_rank(flag)
+    d.mean(torch.ones((), device=meta))
+    d.gather(torch.ones(2, 3, device=meta))
+    assert {name for name, _ in seen} == {"all_reduce", "all_gather"}
+    assert all(device == meta for _, device in seen), seen

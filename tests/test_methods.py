@@ -126,3 +126,44 @@ def test_every_method_is_one_file_and_one_yaml() -> None:
         assert any(
             isinstance(v, type) and issubclass(v, Method) and v is not Method for v in vars(module).values()
         )
+
+
+def test_the_loss_is_fp32_under_bf16_autocast() -> None:
+    """Under autocast a .float() before the loss is not enough (autocast re-casts the matmul): at
+    T=0.1 bf16 logits are resolved to ~0.05. The loss must equal the fp32 one."""
+    torch.manual_seed(0)
+    z0, z1 = torch.randn(64, 128), torch.randn(64, 128)
+    reference = nt_xent(z0, z1, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nt_xent(z0, z1, 0.1)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, reference, rtol=0, atol=1e-6)
+
+
+def test_the_nearest_neighbour_is_found_in_fp32_under_bf16_autocast() -> None:
+    """Two support-set entries closer in cosine than bf16 can tell apart: the nearer one must win."""
+    torch.manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(1, 256), dim=1)
+    far = torch.nn.functional.normalize(z + 0.002 * torch.randn(1, 256), dim=1)
+    near = torch.nn.functional.normalize(z + 0.001 * torch.randn(1, 256), dim=1)
+    support = SupportSet(2, 256)
+    support.queue.copy_(torch.cat([far, near]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = support.nearest(z)
+    torch.testing.assert_close(found, near)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "nnclr"])
+def test_the_training_step_compiles_without_a_graph_break(method: str) -> None:
+    """fullgraph=True fails on any graph break: on a GPU each one is a host sync in the step."""
+    import hydra
+    from conftest import compose_cfg
+
+    small = ["method.queue_size=256"] if method == "nnclr" else []
+    cfg = compose_cfg(["backbone=timm", "backbone.name=test_resnet", f"method={method}", *small])
+    model = hydra.utils.instantiate(cfg.method, backbone=hydra.utils.instantiate(cfg.backbone))
+    x = torch.randn(8, 3, 32, 32)
+    loss = torch.compile(model, fullgraph=True)([x, x.flip(-1)])["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -176,3 +176,17 @@ def test_wandb_offline_run_is_continued_on_resume(workdir: Path) -> None:
     second = run_cli(*[a for a in args if a != "epochs=1"], "epochs=2", "resume=run", cwd=workdir)
     assert second.returncode == 0, second.stderr
     assert checkpoint.load(workdir / "run" / "final.pt")["wandb_id"] == run_id
+
+
+def test_a_run_stopped_on_another_kind_of_device_resumes_here(tmp_path: Path, capsys) -> None:
+    """A mid-epoch checkpoint whose augmentation stream came from a GPU generator (16 bytes of state,
+    which a CPU generator cannot take) resumes on a CPU with a new stream for the rest of the epoch."""
+    cfg = compose_cfg([*FAST, "epochs=1"])
+    train(cfg, run_dir=tmp_path)
+    state = checkpoint.load(tmp_path / "last.pt")
+    state.update(epoch=0, batch_in_epoch=4, step=4, aug_rng=torch.zeros(16, dtype=torch.uint8))
+    state["aug_rng_device"] = "cuda"
+    checkpoint.save(state, tmp_path / "last.pt")
+    assert train(compose_cfg([*FAST, "epochs=1", "resume=true"]), run_dir=tmp_path) is not None
+    assert "resumed on cpu from a cuda run" in capsys.readouterr().out
+    assert checkpoint.load(tmp_path / "final.pt")["step"] == 8

@@ -25,7 +25,8 @@ class SupportSet(nn.Module):
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """The support-set entry of highest cosine similarity to each row of z (no gradient)."""
-        sim = F.normalize(z, dim=1) @ F.normalize(self.queue, dim=1).T
+        with torch.autocast(z.device.type, enabled=False):  # fp32: bf16 would blur the nearest
+            sim = F.normalize(z.float(), dim=1) @ F.normalize(self.queue, dim=1).T
         return self.queue[sim.argmax(dim=1)]
 
     @torch.no_grad()
