@@ -130,7 +130,7 @@ def test_each_jitter_op_equals_torchvision(image, op, factor) -> None:
 def test_jitter_order_grayscale_and_blur_equal_torchvision(image) -> None:
     from ssl_lab.data.augment import ORDERS
 
-    aug = Augment(size=32)
+    aug = Augment(size=32, blur_p=0.5)  # a recipe with blur: apply() blurs only for those
     order = 17
     factors = torch.tensor([[1.2, 0.8, 1.3, 0.05]])
     params = one(
@@ -177,3 +177,50 @@ def test_normalize_resizes_and_standardises() -> None:
     out = normalize(x, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), size=32)
     assert out.shape == (2, 3, 32, 32)
     torch.testing.assert_close(out, torch.full_like(out, 2.0))
+
+
+def test_a_mixed_batch_equals_torchvision_sample_by_sample() -> None:
+    """All 24 jitter orders, jitter/grayscale/blur on and off, in one batch: each sample gets exactly
+    its own ops, as torchvision applies them to that image alone."""
+    from ssl_lab.data.augment import ORDERS
+
+    torch.manual_seed(1)
+    n = 48
+    aug = Augment(size=32, blur_p=0.5)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    params = aug.sample_params(n, 32, 32, torch.Generator().manual_seed(3))
+    params["order"] = torch.arange(n) % 24
+    params["jitter"] = torch.arange(n) % 5 != 0
+    params["gray"] = torch.arange(n) % 7 == 0
+    params["blur"] = torch.arange(n) % 3 == 0
+    out = unnormalized(aug, images, params)
+    fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for i in range(n):
+        top, left, h, w = params["crop"][i].long().tolist()
+        ref = TF.resized_crop(images[i : i + 1].float() / 255, top, left, h, w, [32, 32], antialias=False)
+        if params["flip"][i]:
+            ref = ref.flip(-1)
+        if params["jitter"][i]:
+            for op in ORDERS[params["order"][i]].tolist():
+                ref = fns[op](ref, params["factors"][i, op].item())
+        if params["gray"][i]:
+            ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
+        if params["blur"][i]:
+            sigma = params["sigma"][i].item()
+            ref = TF.gaussian_blur(ref, kernel_size=[aug.blur_kernel] * 2, sigma=[sigma, sigma])
+        torch.testing.assert_close(out[i : i + 1], ref, atol=5e-5, rtol=0, msg=f"sample {i}")
+
+
+@pytest.mark.slow
+def test_augmentation_compiles_without_a_graph_break() -> None:
+    """sample_params + apply as one graph (fullgraph=True fails on any break: on a GPU, a host sync)."""
+    aug = Augment(size=32, blur_p=0.5)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+
+    def view(images: torch.Tensor) -> torch.Tensor:  # dynamo cannot take a Generator argument (the
+        # same draws then come from the default one): what matters is that no op breaks the graph
+        return aug.apply(images, aug.sample_params(16, 32, 32, None, device=images.device))
+
+    compiled = torch.compile(view, fullgraph=True)
+    out = compiled(images)
+    assert out.shape == (16, 3, 32, 32) and torch.isfinite(out).all()

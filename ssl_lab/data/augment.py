@@ -59,31 +59,38 @@ def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate hue by `shift` (fraction of a turn) in HSV space, as torchvision does."""
+    """Rotate hue by `shift` (fraction of a turn) in HSV space, as torchvision does (to float error:
+    its formulas, with fewer full-size temporaries)."""
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
+    minc, maxc = torch.aminmax(x, dim=1)
+    chroma = maxc - minc  # = v * s, so s itself is never needed
+    inv = 1.0 / torch.where(chroma == 0, 1.0, chroma)
+    rc, gc, bc = (maxc - r) * inv, (maxc - g) * inv, (maxc - b) * inv
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h6 = torch.remainder(h / 6.0 + shift.view(-1, 1, 1), 1.0) * 6.0
     # back to RGB, closed form: channel n is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
-    v, vs = maxc, maxc * s
     channels = []
     for n in (5.0, 3.0, 1.0):
-        k = torch.remainder(n + h * 6.0, 6.0)
-        channels.append(v - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+        k = torch.remainder(h6 + n, 6.0)
+        channels.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
     return torch.stack(channels, dim=1)
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+# Each order without hue (op 3): its three blend ops in order, and the slot hue takes among them.
+BLEND_OPS = torch.stack([row[row != 3] for row in ORDERS])  # [24, 3]
+HUE_SLOT = (ORDERS == 3).int().argmax(dim=1)  # [24]
+
+
+def blend(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Per sample, brightness (op 0), contrast (1) or saturation (2) by `factor`: x blended with black,
+    its mean grey or its grey image, as torchvision's adjust_* compute them; a factor of 1 leaves the
+    sample as it is (in place: x is overwritten)."""
+    gray = grayscale(x)
+    mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+    op, f = op.view(-1, 1, 1, 1), factor.view(-1, 1, 1, 1)
+    other = gray * (op == 2) + mean * (op == 1)  # exact: the other terms add 0
+    return x.mul_(f).add_(other * (1 - f)).clamp_(0, 1)
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
@@ -164,6 +171,11 @@ class Augment(torch.nn.Module):
         kernel = int(blur_kernel_frac * size)
         self.blur_kernel = max(3, kernel + 1 - kernel % 2)  # odd, as the SimCLR paper's 10 %
         self.mean, self.std = tuple(mean), tuple(std)
+        # Constants live on the device with the module: no host-to-device copy per call.
+        self.register_buffer("mean_t", torch.tensor(self.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std_t", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("blend_ops", BLEND_OPS.clone(), persistent=False)
+        self.register_buffer("hue_slot", HUE_SLOT.clone(), persistent=False)
 
     def variant(self, **changes) -> Augment:
         """The same augmentation with some settings changed (e.g. a multi-crop method's small crops:
@@ -229,30 +241,34 @@ class Augment(torch.nn.Module):
         return torch.stack([top, left, h, w], dim=1)
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Branch-free: every op runs on the whole batch and `torch.where` keeps it for the samples
+        whose parameters ask for it, so nothing depends on the data's values (no host sync on a GPU,
+        no data-dependent shapes: the whole function compiles as one graph)."""
         x = resized_crop(images.float().div_(255), params["crop"], self.size, params["flip"])
-        jitter = params["jitter"]
-        if jitter.any():
-            # Each sample has its own order of the four ops: at each of the four slots, every op is
-            # applied once to the samples whose order puts it there (16 batched calls in all).
-            idx = jitter.nonzero()[:, 0]
-            sub, factors = x[idx], params["factors"][idx]
-            slots = ORDERS.to(x.device)[params["order"][idx]]  # [n, 4]
-            for slot in range(4):
-                for op, fn in enumerate(JITTER_OPS):
-                    here = (slots[:, slot] == op).nonzero()[:, 0]
-                    if len(here):
-                        sub[here] = fn(sub[here], factors[here, op])
-            x[idx] = sub
-        gray = params["gray"]
-        if gray.any():
-            x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
-        blur = params["blur"]
-        if blur.any():
-            idx = blur.nonzero()[:, 0]
-            x[idx] = gaussian_blur(x[idx], self.blur_kernel, params["sigma"][idx])
-        mean = torch.as_tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return (x - mean) / std
+        x = self.color_jitter(x, params["jitter"], params["factors"], params["order"])
+        x = torch.where(params["gray"].view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+        if self.blur_p > 0:  # a setting, not data
+            blurred = gaussian_blur(x, self.blur_kernel, params["sigma"])
+            x = torch.where(params["blur"].view(-1, 1, 1, 1), blurred, x)
+        return (x - self.mean_t) / self.std_t
+
+    def color_jitter(
+        self, x: torch.Tensor, jitter: torch.Tensor, factors: torch.Tensor, order: torch.Tensor
+    ) -> torch.Tensor:
+        """Brightness, contrast, saturation and hue in each sample's own order. The first three are
+        blends with black, the mean grey or the grey image (torchvision's formulas), so a sample's
+        order is: its blends before hue, hue, its blends after: six batched blend passes and one hue."""
+        blend_ops, hue_slot = self.blend_ops[order], self.hue_slot[order]  # [B, 3], [B]
+        blend_factors = factors.gather(1, blend_ops)
+        slots = torch.arange(3, device=x.device)
+        before = jitter[:, None] & (slots[None] < hue_slot[:, None])  # [B, 3]
+        after = jitter[:, None] & (slots[None] >= hue_slot[:, None])
+        for active in (before, after):
+            for i in range(3):  # samples not in this pass get factor 1: unchanged
+                x = blend(x, blend_ops[:, i], torch.where(active[:, i], blend_factors[:, i], 1.0))
+            if active is before:
+                x = torch.where(jitter.view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
+        return x
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         b, _, h, w = images.shape
