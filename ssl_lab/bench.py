@@ -4,7 +4,8 @@
     python -m ssl_lab.bench trainer.channels_last=true      # any Hydra override of the train config
     python -m ssl_lab.bench backbone=resnet_tiny batch_size=128
     python -m ssl_lab.bench --steps 5 --variants            # also channels_last / bf16 / torch.compile
-    python -m ssl_lab.bench trainer.device=cuda             # on a GPU (timings synchronise CUDA)
+    python -m ssl_lab.bench trainer.device=cuda --syncs     # on a GPU (timings synchronise CUDA); host syncs
+    bash benchmarks/gpu.sh                                  # the whole GPU check, as a markdown table
 
 Everything is built by the runner's own builder (ssl_lab/build.py) from the composed train config, so
 the figures are those of the step that trains.
@@ -199,6 +200,35 @@ def measure(cfg: DictConfig, steps: int, warmup: int, workers: int) -> dict[str,
     return times
 
 
+def syncs_per_step(cfg: DictConfig, steps: int, warmup: int) -> float | None:
+    """Host syncs per full step on CUDA (torch.cuda.set_sync_debug_mode counts each as a warning);
+    None on CPU, where nothing waits for a device."""
+    import warnings
+
+    device = pick_device(cfg.trainer.device)
+    if device.type != "cuda":
+        return None
+    data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
+    step = build_step(cfg, device, len(data.train) // cfg.batch_size)
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    order = epoch_order(len(data.train), cfg.seed, 0)
+    loader = forever(
+        lambda epoch: batches(data.train, order, cfg.batch_size, drop_last=True, pin_memory=True)
+    )
+    for i in range(warmup):
+        step(next(loader)[0].to(device, non_blocking=True), rng, i)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(warmup, warmup + steps):
+                step(next(loader)[0].to(device, non_blocking=True), rng, i)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
+
+
 def compare_variants(overrides: list[str], steps: int, warmup: int, compile_too: bool) -> None:
     """The model step alone under each of VARIANTS (fresh models, taking turns), then the fastest
     of them compiled against itself uncompiled."""
@@ -244,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--variants", action="store_true", help="compare model settings of the model step")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of --variants")
+    parser.add_argument("--syncs", action="store_true", help="count host syncs per full step (CUDA)")
     args = parser.parse_intermixed_args(argv)
     cfg = compose_config(args.overrides)
     device, t = pick_device(cfg.trainer.device), cfg.trainer
@@ -263,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     full = rates["full ssl_lab step"]
     print(f"  full / model step alone        {full / rates['model step alone']:7.2f}")
     print(f"  full / reference               {full / rates['reference (per-sample PIL)']:7.2f}x")
+    if args.syncs:
+        syncs = syncs_per_step(cfg, args.steps, args.warmup)
+        shown = "n/a on CPU" if syncs is None else f"{syncs:.1f} (torch.cuda.set_sync_debug_mode)"
+        print(f"  host syncs per full step       {shown}")
     if args.variants:
         compare_variants(args.overrides, args.steps, args.warmup, not args.no_compile)
 

@@ -170,22 +170,29 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             return super().forward(x)
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        count = torch.full((1,), x.numel() / channels, device=x.device, dtype=x.dtype)
-        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        # Statistics in fp32 whatever autocast hands in (bf16 sums lose them), of x shifted by the
+        # running mean (the same on every process), so E[d^2] - E[d]^2 does not cancel when the mean
+        # is large against the spread. One all-reduce, and no host sync.
+        xf = x.float()
+        shift = self.running_mean.detach().float() if self.track_running_stats else xf.new_zeros(channels)
+        d = xf - shift.view(shape)
+        count = torch.full((1,), x.numel() / channels, device=x.device, dtype=torch.float32)
+        stats = dist_nn.all_reduce(torch.cat([d.sum(dims), (d * d).sum(dims), count]))
         n = stats[-1]
-        mean = stats[:channels] / n
-        var = (stats[channels : 2 * channels] / n - mean**2).clamp(min=0)
+        d_mean = stats[:channels] / n
+        var = (stats[channels : 2 * channels] / n - d_mean**2).clamp(min=0)
+        mean = d_mean + shift
         if self.track_running_stats:
             with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 1 / (self.num_batches_tracked.item() + 1)
+                m = self.momentum if self.momentum is not None else 1 / (self.num_batches_tracked + 1)
                 self.running_mean.mul_(1 - m).add_(m * mean.detach())
                 self.running_var.mul_(1 - m).add_(m * var.detach() * n / (n - 1))
                 self.num_batches_tracked.add_(1)
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(x.dtype)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:

@@ -126,3 +126,15 @@ def test_every_readme_eval_command_composes() -> None:
     for args in commands:
         overrides = [a.split(",")[0] for a in args if a != "-m" and "<" not in a]
         check_config(compose_eval(overrides))
+
+
+def test_every_readme_check_ddp_command_composes() -> None:
+    from ssl_lab.check_ddp import check_config_for
+
+    commands = readme_module_commands("ssl_lab.check_ddp")
+    assert len(commands) >= 2
+    for args in commands:
+        overrides = [
+            a for i, a in enumerate(args) if not a.startswith("--") and not args[i - 1].startswith("--")
+        ]
+        check_config_for([o for o in overrides if "<" not in o], nproc=2, steps=3)
