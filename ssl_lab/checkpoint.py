@@ -9,6 +9,7 @@ evaluation reads.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,66 @@ class TrainState:
         self.aug_rng, self.wandb_id, self.knn_init = state["aug_rng"], state["wandb_id"], state["knn_init"]
         self.aug_rng_device = state.get("aug_rng_device", "cpu")
         set_rng_state(state["rng"])
+
+
+class Writer:
+    """Writes checkpoints in a background thread, so that training does not wait for the disk: the
+    training thread only copies the state off the device (a snapshot: training goes on changing the
+    weights in place), the thread writes it atomically (`save`). One write at a time; `wait()` (or
+    leaving the `with` block) returns when the last one is on disk and re-raises its error.
+
+    The runner uses it for GPU runs, where torch.save would make that copy anyway; on a CPU the copy
+    is a memcpy that costs about what the write does (benchmarks/checkpoint.py), so `background=False`
+    writes in the caller's thread."""
+
+    def __init__(self, background: bool = True) -> None:
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any], path: Path) -> None:
+        self.wait()
+        if not self.background:
+            save(state, path)
+            return
+        snapshot = to_cpu(state)
+        self._thread = threading.Thread(target=self._write, args=(snapshot, path), name="ssl_lab-checkpoint")
+        self._thread.start()
+
+    def _write(self, state: dict[str, Any], path: Path) -> None:
+        try:
+            save(state, path)
+        except BaseException as e:  # handed to the training thread at the next wait()
+            self._error = e
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.wait()
+        elif self._thread is not None:  # an error is on its way out: finish the write, keep that error
+            self._thread.join()
+            self._thread = None
+
+
+def to_cpu(state: Any) -> Any:
+    """A copy of `state` with every tensor copied to the CPU (nested dicts, lists and tuples)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(to_cpu(v) for v in state)
+    return state
 
 
 def save(state: dict[str, Any], path: Path) -> None:

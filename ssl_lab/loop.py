@@ -39,6 +39,7 @@ class Run:
     step: TrainStep
     state: TrainState
     logger: RunLogger
+    writer: checkpoint.Writer
 
     @property
     def main_process(self) -> bool:
@@ -48,7 +49,7 @@ class Run:
         if self.main_process:
             self.state.wandb_id = self.logger.run_id
             state = {**self.step.state_dict(), **self.state.state_dict(), "config": self.resolved}
-            checkpoint.save(state, self.run_dir / name)
+            self.writer.save(state, self.run_dir / name)  # written in the background
 
     def monitor(self) -> float | None:
         """The kNN monitor's top-1 on rank 0 (the others wait): computed once, not once per process."""
@@ -105,6 +106,7 @@ def fit(run: Run) -> None:
             if stop.requested():
                 signum = stop.signum or signal.SIGTERM  # a rank told by another rank
                 run.save("last.pt")
+                run.writer.wait()
                 print(
                     f"Stopped by {signal.Signals(signum).name} at epoch {state.epoch}, step {state.step}; "
                     f"saved {run.run_dir / 'last.pt'}. Run the same command with resume=true to continue.",
@@ -161,7 +163,7 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
         window_steps += 1
         bar.update()
         if state.step % cfg.trainer.log_every == 0 or state.batch_in_epoch == steps_per_epoch:
-            check_finite(nonfinite, state, run.run_dir)
+            check_finite(nonfinite, state, run.run_dir, run.writer)
             seconds = time.perf_counter() - window_start
             metrics = {
                 "train/loss": distributed.mean(window_loss / window_steps).item(),
@@ -179,14 +181,17 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
             if stop.requested():  # agreed at log steps, where the loop syncs anyway
                 break
     bar.close()
-    check_finite(nonfinite, state, run.run_dir)
+    check_finite(nonfinite, state, run.run_dir, run.writer)
     if state.batch_in_epoch < steps_per_epoch:
         state.aug_rng, state.aug_rng_device = aug_rng.get_state(), device.type
     return metrics
 
 
-def check_finite(nonfinite: torch.Tensor, state: TrainState, run_dir: Path) -> None:
+def check_finite(
+    nonfinite: torch.Tensor, state: TrainState, run_dir: Path, writer: checkpoint.Writer
+) -> None:
     if distributed.any_rank(nonfinite):
+        writer.wait()  # the last good checkpoint, on disk
         last = run_dir / "last.pt"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
         raise TrainingDiverged(

@@ -56,8 +56,18 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
     if rank == 0:
         write_run_info(run_dir, resolved, resumed=bool(cfg.resume))
     logger = RunLogger(run_dir, cfg.logger, resolved, state.wandb_id, enabled=rank == 0)
-    run = Run(cfg, resolved, run_dir, device, data, step, state, logger)
-    with recorded(run_dir, logger, step=lambda: state.step):
+    run = Run(
+        cfg,
+        resolved,
+        run_dir,
+        device,
+        data,
+        step,
+        state,
+        logger,
+        checkpoint.Writer(background=device.type == "cuda"),
+    )
+    with recorded(run_dir, logger, step=lambda: state.step), run.writer:
         if state.fresh:
             state.knn_init = run.monitor()
             if state.knn_init is not None and rank == 0:
@@ -65,6 +75,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         fit(run)
         final = run.monitor()
         run.save("final.pt")
+        run.writer.wait()  # on disk before anything reads it
         if rank == 0:
             print(f"Run dir: {run_dir}", flush=True)
             if final is not None and state.knn_init is not None:
