@@ -158,7 +158,7 @@ def measure(cfg: DictConfig, steps: int, warmup: int, workers: int) -> dict[str,
     loader = forever(
         lambda epoch: batches(
             data.train, epoch_order(len(data.train), cfg.seed, epoch), b, drop_last=True,
-            num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda",
+            num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda", device=device,
         )
     )  # fmt: skip
     images = next(loader)[0].to(device)
@@ -213,7 +213,9 @@ def syncs_per_step(cfg: DictConfig, steps: int, warmup: int) -> float | None:
     rng = torch.Generator(device).manual_seed(cfg.seed)
     order = epoch_order(len(data.train), cfg.seed, 0)
     loader = forever(
-        lambda epoch: batches(data.train, order, cfg.batch_size, drop_last=True, pin_memory=True)
+        lambda epoch: batches(
+            data.train, order, cfg.batch_size, drop_last=True, pin_memory=True, device=device
+        )
     )
     for i in range(warmup):
         step(next(loader)[0].to(device, non_blocking=True), rng, i)

@@ -79,3 +79,19 @@ def test_cifar10_jpeg_tree_subset() -> None:
     assert data.num_classes == 10 and data.train.labels.max() == 9
     again = cifar("cifar10", str(CIFAR_ROOT.parent), limit_train=500, limit_test=200, num_workers=2)
     assert torch.equal(data.train.images, again.train.images)
+
+
+def test_in_memory_data_is_gathered_on_the_accelerator() -> None:
+    """On a GPU the uint8 set is copied to the device once and each batch is an on-device gather (no
+    host copy per step); the meta device stands in for the GPU. The batches are those of the host path."""
+    data = synthetic(num_train=64, num_test=8)
+    order = epoch_order(64, 0, 0)
+    meta = torch.device("meta")
+    on_device = list(batches(data.train, order, 16, drop_last=True, rank=1, world_size=2, device=meta))
+    host = list(batches(data.train, order, 16, drop_last=True, rank=1, world_size=2))
+    assert len(on_device) == len(host) == 4
+    for (images, labels), (host_images, host_labels) in zip(on_device, host):
+        assert images.device == meta and labels.device == meta
+        assert images.shape == host_images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
+        assert labels.shape == host_labels.shape
+    assert data.train.on(meta)[0] is data.train.on(meta)[0]  # copied once

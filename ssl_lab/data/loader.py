@@ -10,6 +10,8 @@ import torch
 from ssl_lab.data.datasets import FileDataset, ImageSet, collate_decoded
 from ssl_lab.errors import UserError
 
+DEVICE_BUDGET = 2 * 2**30  # bytes of uint8 images held on an accelerator (larger sets: pinned host copies)
+
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -24,15 +26,29 @@ def batches(
     pin_memory: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(uint8 images, labels or None) for consecutive chunks of `indices` of `batch_size` (global):
-    each process takes its contiguous slice of every global batch."""
+    each process takes its contiguous slice of every global batch. With an accelerator `device`, an
+    in-memory set of up to DEVICE_BUDGET bytes is held there and batches are gathered on it: no copy
+    from the host per step."""
+    on_device = (
+        device is not None and device.type != "cpu" and data.images is not None
+        and data.images.numel() <= DEVICE_BUDGET
+    )  # fmt: skip
+    if on_device:
+        indices = indices.to(device)
     chunks = list(indices.split(batch_size))
     if drop_last and chunks and len(chunks[-1]) < batch_size:
         chunks.pop()
     if world_size > 1:
         local = batch_size // world_size
         chunks = [c[rank * local : (rank + 1) * local] for c in chunks]
+    if on_device:
+        images, labels = data.on(device)
+        for idx in chunks:
+            yield images[idx], None if labels is None else labels[idx]
+        return
     if data.images is not None:
         for idx in chunks:
             images = data.images[idx]
