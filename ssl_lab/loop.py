@@ -145,7 +145,7 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
     loader = batches(
         run.data.train, order, batch_size, drop_last=True, num_workers=cfg.trainer.num_workers,
         pin_memory=device.type == "cuda", rank=distributed.rank(), world_size=distributed.world_size(),
-        device=device,
+        device=device, persistent=True,
     )  # fmt: skip
     bar = tqdm(
         total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",

@@ -95,3 +95,20 @@ def test_in_memory_data_is_gathered_on_the_accelerator() -> None:
         assert images.shape == host_images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
         assert labels.shape == host_labels.shape
     assert data.train.on(meta)[0] is data.train.on(meta)[0]  # copied once
+
+
+def test_file_decoding_workers_persist_across_epochs(tmp_path: Path) -> None:
+    """The training loop keeps one DataLoader (and its workers) per file-decoded set: each epoch gives it
+    that epoch's batches, the same ones a fresh DataLoader would give."""
+    make_folder(tmp_path)
+    lazy = imagefolder(str(tmp_path), image_size=16, in_memory=False, num_workers=0)
+    loaders = []
+    for epoch in range(3):
+        order = epoch_order(12, 0, epoch)
+        kept = list(batches(lazy.train, order, 4, drop_last=True, num_workers=1, persistent=True))
+        fresh = list(batches(lazy.train, order, 4, drop_last=True, num_workers=0))
+        assert len(kept) == len(fresh) == 3
+        for (a, la), (b, lb) in zip(kept, fresh):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+        loaders.append(next(v for k, v in lazy.train.__dict__.items() if isinstance(k, tuple)))
+    assert loaders[0] is loaders[1] is loaders[2] and loaders[0].persistent_workers

@@ -27,11 +27,13 @@ def batches(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | None = None,
+    persistent: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(uint8 images, labels or None) for consecutive chunks of `indices` of `batch_size` (global):
     each process takes its contiguous slice of every global batch. With an accelerator `device`, an
     in-memory set of up to DEVICE_BUDGET bytes is held there and batches are gathered on it: no copy
-    from the host per step."""
+    from the host per step. For a file-decoded set, `persistent` keeps its decoding workers from one
+    call (epoch) to the next instead of starting new ones each time."""
     on_device = (
         device is not None and device.type != "cpu" and data.images is not None
         and data.images.numel() <= DEVICE_BUDGET
@@ -54,18 +56,43 @@ def batches(
             images = data.images[idx]
             yield (images.pin_memory() if pin_memory else images), _labels(data, idx)
         return
-    loader = torch.utils.data.DataLoader(
-        FileDataset(data.files, data.image_size),
-        batch_sampler=[c.tolist() for c in chunks],
-        num_workers=num_workers,
-        collate_fn=collate_decoded,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
+    if persistent and num_workers > 0:
+        loader = persistent_loader(data, num_workers, pin_memory)
+        loader.batch_sampler.chunks = chunks  # what the workers decode this epoch
+    else:
+        loader = torch.utils.data.DataLoader(
+            FileDataset(data.files, data.image_size), batch_sampler=EpochBatches(chunks),
+            num_workers=num_workers, collate_fn=collate_decoded, pin_memory=pin_memory,
+        )  # fmt: skip
     for idx, (images, errors) in zip(chunks, loader):
         if errors:
             raise UserError(errors[0])
         yield images, _labels(data, idx)
+
+
+class EpochBatches:
+    """A batch sampler whose batches are set per epoch: a persistent DataLoader reads it afresh each
+    time it is iterated."""
+
+    def __init__(self, chunks: list[torch.Tensor]) -> None:
+        self.chunks = chunks
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (c.tolist() for c in self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+def persistent_loader(data: ImageSet, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """One DataLoader per image set (and settings) whose workers live from epoch to epoch."""
+    key = ("_loader", num_workers, pin_memory)
+    if key not in data.__dict__:
+        data.__dict__[key] = torch.utils.data.DataLoader(
+            FileDataset(data.files, data.image_size), batch_sampler=EpochBatches([]), num_workers=num_workers,
+            collate_fn=collate_decoded, pin_memory=pin_memory, persistent_workers=True,
+        )  # fmt: skip
+    return data.__dict__[key]
 
 
 def _labels(data: ImageSet, idx: torch.Tensor) -> torch.Tensor | None:
