@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import torch
 
-from ssl_lab.data.augment import JITTER_OPS, ORDERS, Augment, gaussian_blur, grayscale, resized_crop
+from ssl_lab.data.augment import ORDERS, Augment, gaussian_blur, grayscale, resized_crop
 
 JITTER = (0.4, 0.4, 0.4, 0.1)
 
@@ -95,6 +95,26 @@ def pil_pipeline(size: int, blur: bool, mean, std) -> Callable:
     return T.Compose(ops)
 
 
+# The colour ops as they were before issue 11 (each applied to the samples that draw it).
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), f)
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x), f)
+
+
 def adjust_hue_before(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """adjust_hue as it was before issue 11 (torchvision's formulas, term by term)."""
     r, g, b = x.unbind(1)
@@ -119,7 +139,7 @@ def adjust_hue_before(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(channels, dim=1)
 
 
-OPS_BEFORE = (*JITTER_OPS[:3], adjust_hue_before)
+OPS_BEFORE = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue_before)
 
 
 class GroupedAugment(Augment):

@@ -25,15 +25,15 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 
 from ssl_lab import build
 from ssl_lab.build import TrainStep, pick_device
-from ssl_lab.config import CONF_DIR, check_command_line, check_config, register_resolvers
+from ssl_lab.config import check_command_line, check_config, compose
 from ssl_lab.data.augment import Augment
+from ssl_lab.data.datasets import DataSplits
 from ssl_lab.data.loader import batches, epoch_order
 from ssl_lab.errors import UserError, run_reporting_errors
 
@@ -64,9 +64,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
         if k not in given and not (k.startswith("backbone.") and "backbone" in given)
     ]
     check_command_line(defaults + overrides)
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=defaults + overrides)
+    cfg = compose("train", defaults + overrides)
     check_config(cfg)
     return cfg
 
@@ -146,21 +144,30 @@ def forever(epoch: Callable[[int], Iterator]) -> Iterator:
     return itertools.chain.from_iterable(map(epoch, itertools.count()))
 
 
+def training_inputs(
+    cfg: DictConfig, device: torch.device
+) -> tuple[DataSplits, TrainStep, torch.Generator, Iterator]:
+    """The data, the runner's step, its augmentation stream and an endless stream of batches as the
+    runner's loop draws them."""
+    data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
+    if data.train.images is None:
+        raise UserError(f"data={cfg.data.name} is decoded from files; the bench needs one held in memory")
+    step = build_step(cfg, device, len(data.train) // cfg.batch_size)
+    rng = torch.Generator(device).manual_seed(cfg.seed)
+    loader = forever(
+        lambda epoch: batches(
+            data.train, epoch_order(len(data.train), cfg.seed, epoch), cfg.batch_size, drop_last=True,
+            num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda", device=device,
+        )
+    )  # fmt: skip
+    return data, step, rng, loader
+
+
 def measure(cfg: DictConfig, steps: int, warmup: int, workers: int) -> dict[str, list[float]]:
     """Seconds per step of the four pipelines (and the reference's data path), all on one model."""
     device, b = pick_device(cfg.trainer.device), cfg.batch_size
     channels_last = cfg.trainer.channels_last
-    data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
-    if data.train.images is None:
-        raise UserError(f"data={cfg.data.name} is decoded from files; the bench needs one held in memory")
-    step = build_step(cfg, device, len(data.train) // b)
-    rng = torch.Generator(device).manual_seed(cfg.seed)
-    loader = forever(
-        lambda epoch: batches(
-            data.train, epoch_order(len(data.train), cfg.seed, epoch), b, drop_last=True,
-            num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda", device=device,
-        )
-    )  # fmt: skip
+    data, step, rng, loader = training_inputs(cfg, device)
     images = next(loader)[0].to(device)
     fixed = step.views(images, rng)
 
@@ -208,15 +215,7 @@ def syncs_per_step(cfg: DictConfig, steps: int, warmup: int) -> float | None:
     device = pick_device(cfg.trainer.device)
     if device.type != "cuda":
         return None
-    data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
-    step = build_step(cfg, device, len(data.train) // cfg.batch_size)
-    rng = torch.Generator(device).manual_seed(cfg.seed)
-    order = epoch_order(len(data.train), cfg.seed, 0)
-    loader = forever(
-        lambda epoch: batches(
-            data.train, order, cfg.batch_size, drop_last=True, pin_memory=True, device=device
-        )
-    )
+    _, step, rng, loader = training_inputs(cfg, device)
     for i in range(warmup):
         step(next(loader)[0].to(device, non_blocking=True), rng, i)
     torch.cuda.synchronize()

@@ -19,11 +19,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from ssl_lab import checkpoint
-from ssl_lab.config import CONF_DIR, check_command_line, check_config, register_resolvers
+from ssl_lab.config import check_command_line, check_config, compose
 from ssl_lab.errors import UserError, run_reporting_errors
 from ssl_lab.launch import launch
 from ssl_lab.loggers import read_metrics
@@ -38,9 +37,7 @@ WEIGHT_TOLERANCE = 1e-3
 def check_config_for(overrides: list[str], nproc: int, steps: int) -> DictConfig:
     """The user's train config, cut to `steps` steps of one epoch, with no logger and no kNN monitor."""
     check_command_line(overrides)
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "logger=none"])
+    cfg = compose("train", [*overrides, "logger=none"])
     check_config(cfg)
     if cfg.batch_size % nproc:
         raise UserError(f"batch_size={cfg.batch_size} does not divide over --nproc {nproc}; use a multiple")

@@ -33,7 +33,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from ssl_lab import rundir
-from ssl_lab.errors import UserError, fail
+from ssl_lab.errors import UserError, fail, wrong_type
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -209,13 +209,10 @@ def check_value(key: str, value: Any, hint: Any, default: Any = inspect.Paramete
     if typing.get_origin(hint) is Literal and not matches(value, hint):
         raise UserError(f"{key}={value} is not one of {', '.join(map(str, typing.get_args(hint)))}")
     if not matches(value, hint):
-        got = type(value).__name__ if not isinstance(value, DictConfig | ListConfig) else "a mapping or list"
         example = next((r.example for r in ranges if r.example), None)
         if example is None and default not in (inspect.Parameter.empty, None):
             example = f"{key}={default}"
-        shown = repr(value) if isinstance(value, str) else value
-        message = f"{key}={shown} should be {describe(hint)} (got {got})"
-        raise UserError(message + (f"; e.g. {example}" if example else ""))
+        raise UserError(wrong_type(key, value, hint, example))
     if typing.get_origin(hint) in (typing.Union, types.UnionType):  # the range of the arm it matched
         arm = next(a for a in typing.get_args(hint) if matches(value, a))
         ranges = ranges + unannotated(arm)[1]
@@ -261,23 +258,18 @@ def matches(value: Any, hint: Any) -> bool:
     return True
 
 
-def describe(hint: Any) -> str:
-    hint, _ = unannotated(hint)
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is type(None):
-        return "null"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(describe(a) for a in args))
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
-    if hint is float:
-        return "int or float"
-    container = origin or hint
-    if inspect.isclass(container) and issubclass(container, Mapping):
-        return "a mapping"
-    if inspect.isclass(container) and issubclass(container, Sequence) and container is not str:
-        return "a list"
-    return getattr(hint, "__name__", str(hint))
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """conf/<config_name>.yaml with these overrides, outside a Hydra app (the bench, check_ddp) or
+    inside a running one (eval_after in the runner)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name, overrides=overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides)
 
 
 def check_command_line(args: list[str]) -> None:

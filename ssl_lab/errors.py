@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields, is_dataclass
 from typing import NoReturn
 
 from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, ListConfig
 from omegaconf.errors import (
     ConfigAttributeError,
     InterpolationToMissingValueError,
@@ -24,6 +27,8 @@ from omegaconf.errors import (
     OmegaConfBaseException,
     ValidationError,
 )
+
+from ssl_lab import distributed
 
 
 class UserError(Exception):
@@ -98,16 +103,41 @@ def causes(e: BaseException | None) -> list[BaseException]:
 
 
 def invalid_value(e: ValidationError) -> str:
-    """`key=value should be <type> (got <type>); e.g. <example>` for a value of the wrong type for a
-    structured config's field (ssl_lab/config.py), the example taken from the field."""
+    """`wrong_type`'s line for a value OmegaConf refused for a structured config's field
+    (ssl_lab/config.py), with the field's example."""
     wanted = next((f for f in fields(e.object_type) if f.name == e.key), None)
-    kind = getattr(wanted, "type", "")
-    kind = str(kind).replace("Optional[", "").rstrip("]").replace(" | None", "")
-    kind = "int or float" if kind == "float" else kind
+    hint = typing.get_type_hints(e.object_type).get(str(e.key), typing.Any)
     example = wanted.metadata["range"].example if wanted and "range" in wanted.metadata else None
-    value = repr(e.value) if isinstance(e.value, str) else e.value
-    message = f"{e.full_key}={value} should be {kind} (got {type(e.value).__name__})"
+    return wrong_type(e.full_key, e.value, hint, example)
+
+
+def wrong_type(key: str, value: object, hint: object, example: str | None = None) -> str:
+    """`key=value should be <type> (got <type>); e.g. <example>`."""
+    got = "a mapping or list" if isinstance(value, DictConfig | ListConfig) else type(value).__name__
+    shown = repr(value) if isinstance(value, str) else value
+    message = f"{key}={shown} should be {describe_type(hint)} (got {got})"
     return message + (f"; e.g. {example}" if example else "")
+
+
+def describe_type(hint: object) -> str:
+    """A type hint in the words of an error message: int, int or float, one of a, b, a list, ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return describe_type(args[0])
+    if hint is type(None):
+        return "null"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(describe_type(a) for a in args))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if hint is float:
+        return "int or float"
+    container = origin or hint
+    if isinstance(container, type) and issubclass(container, Mapping):
+        return "a mapping"
+    if isinstance(container, type) and issubclass(container, Sequence) and container is not str:
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
 
 
 def one_line(message: str) -> str:
@@ -130,7 +160,7 @@ def run_reporting_errors(main: Callable[[], object]) -> None:
     except Interrupted as e:
         sys.exit(128 + e.signum)
     except USER_FACING as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # the same error on every process: say it once
+        if distributed.is_main():  # the same error on every process: say it once
             print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         sys.exit(exit_status(e))
 

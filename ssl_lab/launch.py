@@ -58,6 +58,7 @@ def main(cfg: DictConfig) -> float | None:
             if not (run_dir / "run_info.json").exists():  # failed before training started
                 set_status(run_dir, "failed", message)
             raise JobFailed(message) from None
+        # Raised out of a Hydra job it would be reported again ("Error executing job ..."): exit here.
         sys.exit(exit_status(e))
     return top1 if top1 is None or math.isfinite(top1) else None
 

@@ -41,23 +41,6 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return LUMA[0] * x[:, 0:1] + LUMA[1] * x[:, 1:2] + LUMA[2] * x[:, 2:3]
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp_(0, 1)
-
-
-def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
-
-
-def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), f)
-
-
-def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _blend(x, grayscale(x), f)
-
-
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate hue by `shift` (fraction of a turn) in HSV space, as torchvision does (to float error:
     its formulas, with fewer full-size temporaries)."""
@@ -76,7 +59,6 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.stack(channels, dim=1)
 
 
-JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 # Each order without hue (op 3): its three blend ops in order, and the slot hue takes among them.
 BLEND_OPS = torch.stack([row[row != 3] for row in ORDERS])  # [24, 3]
 HUE_SLOT = (ORDERS == 3).int().argmax(dim=1)  # [24]

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssl_lab import checkpoint
 from ssl_lab.build import build_model, pick_device, precision_dtype
-from ssl_lab.config import CONF_DIR, check_command_line, check_config, register_resolvers
+from ssl_lab.config import CONF_DIR, check_command_line, check_config, compose, register_resolvers
 from ssl_lab.data.datasets import DataSplits
 from ssl_lab.errors import USER_FACING, UserError, exit_status, one_line, run_reporting_errors, user_message
 from ssl_lab.eval.common import EvalContext
@@ -127,14 +127,7 @@ def logger_config(cfg: DictConfig, state: dict[str, Any]) -> DictConfig:
 
 def compose_eval(overrides: list[str]) -> DictConfig:
     """conf/eval.yaml with these overrides (inside a running Hydra app too)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register_resolvers()
-    if GlobalHydra.instance().is_initialized():
-        return compose("eval", overrides=overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("eval", overrides=overrides)
+    return compose("eval", overrides)
 
 
 def eval_after_configs(cfg: DictConfig, checkpoint_path: Path) -> list[DictConfig]:
