@@ -303,5 +303,9 @@ def main(argv: list[str] | None = None) -> None:
         compare_variants(args.overrides, args.steps, args.warmup, not args.no_compile)
 
 
-if __name__ == "__main__":
+def cli() -> None:
     run_reporting_errors(main)
+
+
+if __name__ == "__main__":
+    cli()

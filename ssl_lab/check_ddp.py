@@ -100,5 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
     run_reporting_errors(lambda: sys.exit(main()))
+
+
+if __name__ == "__main__":
+    cli()

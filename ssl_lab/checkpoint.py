@@ -121,7 +121,9 @@ def save(state: dict[str, Any], path: Path) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Tensors, numbers, strings and containers only (`weights_only`): a checkpoint from elsewhere
+    cannot run code when it is read."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -35,7 +35,10 @@ from omegaconf.errors import InterpolationResolutionError
 from ssl_lab import rundir
 from ssl_lab.errors import UserError, fail, wrong_type
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# An installed wheel carries the configs as ssl_lab/conf; a source checkout (editable install) has them
+# at the top level, beside ssl_lab/.
+_PACKAGE = Path(__file__).resolve().parent
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ class EvalConfig:
     eval: Any = MISSING
     data: Any = None  # null: the pretraining run's
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    logger: Any = MISSING
+    logger: Any = None  # null: the pretraining run's
 
 
 def register_schemas() -> None:

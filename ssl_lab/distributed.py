@@ -64,13 +64,14 @@ def launch_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: `gpu[003-005,9],cpu1` -> `gpu003` (what
-    `scontrol show hostnames | head -1` prints, without needing scontrol)."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+    """The first host of a SLURM node list (what `scontrol show hostnames | head -1` prints, without
+    needing scontrol): `gpu[003-005,9],cpu1` -> `gpu003`, `node[1-2]-ib` -> `node1-ib`,
+    `rack[1-2]-gpu[07-08]` -> `rack1-gpu07`. Each bracket of the first host expression gives its first
+    value, zero padding kept."""
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())  # up to the first comma outside brackets
+    if not first:
         return "127.0.0.1"
-    prefix, ranges = match.groups()
-    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", first.group(0))
 
 
 _collective_device = torch.device("cpu")

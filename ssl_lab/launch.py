@@ -33,7 +33,7 @@ from ssl_lab.errors import (
     run_reporting_errors,
     user_message,
 )
-from ssl_lab.rundir import set_status
+from ssl_lab.rundir import console_log, set_status
 from ssl_lab.train import train
 
 register_resolvers()
@@ -44,22 +44,23 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    if multirun and distributed.is_main():
-        print(f"job #{hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}", flush=True)
-    try:
-        top1 = launch(cfg, run_dir)
-    except Interrupted as e:
-        sys.exit(128 + e.signum)
-    except USER_FACING as e:
-        message = user_message(e)
-        if distributed.is_main():  # the same error on every process: say it once
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        if multirun:
-            if not (run_dir / "run_info.json").exists():  # failed before training started
-                set_status(run_dir, "failed", message)
-            raise JobFailed(message) from None
-        # Raised out of a Hydra job it would be reported again ("Error executing job ..."): exit here.
-        sys.exit(exit_status(e))
+    with console_log(run_dir / "train.log"):
+        if multirun and distributed.is_main():
+            print(f"job #{hydra_cfg.job.num}: {' '.join(hydra_cfg.overrides.task)}", flush=True)
+        try:
+            top1 = launch(cfg, run_dir)
+        except Interrupted as e:
+            sys.exit(128 + e.signum)
+        except USER_FACING as e:
+            message = user_message(e)
+            if distributed.is_main():  # the same error on every process: say it once
+                print(f"error: {message}", file=sys.stderr, flush=True)
+            if multirun:
+                if not (run_dir / "run_info.json").exists():  # failed before training started
+                    set_status(run_dir, "failed", message)
+                raise JobFailed(message) from None
+            # Raised out of a Hydra job it would be reported again ("Error executing job ..."): exit here.
+            sys.exit(exit_status(e))
     return top1 if top1 is None or math.isfinite(top1) else None
 
 

@@ -1,7 +1,8 @@
 """The run directory: where a run lives, what it records about itself, and how a resume finds it.
 
     outputs/<name>/<date>/   config.yaml, run_info.json (status, command, code, versions), metrics.jsonl,
-                             last.pt (resume), final.pt (evaluation), eval.json, .hydra/
+                             train.log (the console), last.pt (resume), final.pt (evaluation),
+                             eval.json, eval.log, export/, .hydra/
 
 Only rank 0 writes here. `run_dir` and `hydra_subdir` are the resolvers conf/train.yaml names its
 run dir with (resume=true finds the newest run with the same overrides).
@@ -16,6 +17,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +40,49 @@ def shared_run_dir(own_dir: Path) -> Path:
         with contextlib.suppress(OSError):
             own_dir.rmdir()
     return run_dir
+
+
+class _Tee:
+    """A console stream that also appends what it shows to a log file: whole lines, as a terminal ends up
+    showing them (a progress bar redrawn with carriage returns leaves its last state, or nothing)."""
+
+    def __init__(self, stream: Any, log: Any) -> None:
+        self.stream, self.log, self.pending = stream, log, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            shown = line.rsplit("\r", 1)[-1].rstrip()
+            if shown:
+                self.log.write(shown + "\n")
+        if lines:
+            self.log.flush()
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def console_log(path: Path) -> Iterator[None]:
+    """Everything this process prints (stdout and stderr) is also appended to `path`; a resumed run
+    adds to its log. Only the main process writes one."""
+    if not distributed.is_main():
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stdout, stderr = sys.stdout, sys.stderr
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(f"--- {datetime.now().isoformat(timespec='seconds')} {' '.join(sys.argv)}\n")
+        sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
+        try:
+            yield
+        except Exception:  # ours are printed as one line inside; a crash's traceback is printed after
+            log.write(traceback.format_exc())
+            raise
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -157,6 +202,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def git_state() -> dict[str, Any]:
     repo = Path(__file__).resolve().parent.parent
+    if not (repo / "pyproject.toml").exists():  # an installed wheel: its version says which code ran
+        return {"commit": None, "dirty": None}
 
     def git(*args: str) -> str:
         return subprocess.run(

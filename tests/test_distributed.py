@@ -247,6 +247,29 @@ def test_slurm_environment_maps_to_torchrun_variables() -> None:
     ]
 
 
+# The forms SLURM writes: ranges with zero padding, lists, suffixes after the brackets (interface
+# names such as -ib), several bracket groups in one name, several host expressions.
+NODELISTS = {
+    "gpu[003-005,9],cpu1": "gpu003",
+    "node[1-2]-ib": "node1-ib",
+    "node[1-2]-ib,node[4-5]-ib": "node1-ib",
+    "rack[1-2]-gpu[07-08]": "rack1-gpu07",
+    "x[10-12,3]y,z": "x10y",
+    "n[5]": "n5",
+    "host-1.cluster": "host-1.cluster",
+    "a,b[1-3]": "a",
+}
+
+
+def test_first_host_of_every_slurm_nodelist_form() -> None:
+    assert {s: first_host(s) for s in NODELISTS} == NODELISTS
+    try:  # submitit's own parser, where installed (the slurm extra), agrees
+        from submitit.slurm.slurm import _parse_node_list
+    except ImportError:
+        return
+    assert {s: _parse_node_list(s)[0] for s in NODELISTS} == NODELISTS
+
+
 @pytest.mark.slow
 def test_srun_style_tasks_train_as_one_run(tmp_path: Path) -> None:
     """Two plain `python -m ssl_lab.train` processes with SLURM's variables (as srun starts them):

@@ -106,7 +106,10 @@ def test_bad_input_keeps_existing_run(workdir: Path) -> None:
     before = snapshot(workdir / "run")
     result = run_cli(*FAST, "epochs=1", "resume=run", "batch_size=100000", cwd=workdir)
     assert_one_line_error(result, "batch_size=100000")
-    assert snapshot(workdir / "run") == before
+    after = snapshot(workdir / "run")
+    log_before, log_after = before.pop("train.log"), after.pop("train.log")
+    assert after == before
+    assert log_after.startswith(log_before) and b"error: batch_size=100000" in log_after  # appended
 
 
 def test_resume_with_another_model_is_refused(tmp_path: Path, capsys) -> None:

@@ -92,6 +92,80 @@ def test_finetune_then_distill_from_the_cli(run_copy: Path) -> None:
     assert "eval/distill_10pct_top1" in distill.stdout
 
 
+@pytest.fixture(scope="module")
+def pretrained_without_wandb(tmp_path_factory) -> Path:
+    """The same smoke run trained with logger=none (no W&B run, no W&B keys to resolve)."""
+    work = tmp_path_factory.mktemp("pretrained_none")
+    result = run_cli(*QUIET, "logger=none", "hydra.run.dir=run", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work / "run"
+
+
+# Each protocol at its smallest; distill learns from the finetune before it.
+TINY = {
+    "knn": ["eval.k=20"],
+    "linear": ["eval.epochs=1"],
+    "finetune": ["eval.epochs=1"],
+    "distill": ["eval.epochs=1", "eval.student=resnet_tiny"],
+}
+EXPLICIT_DATA = ["data=synthetic", "data.limit_train=256", "data.limit_test=128"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", [[], EXPLICIT_DATA], ids=["run-data", "data="])
+@pytest.mark.parametrize("trained_with", ["wandb", "none"])
+def test_every_protocol_evaluates_a_run_of_either_logger(
+    trained_with: str, data: list[str], pretrained, pretrained_without_wandb, tmp_path: Path
+) -> None:
+    """protocol x the logger the run was trained with x data= given or not: each evaluates, and the
+    results go where the run logged (its own W&B run, or metrics.jsonl only)."""
+    source = pretrained[0] if trained_with == "wandb" else pretrained_without_wandb
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns("wandb"))
+    for protocol, settings in TINY.items():
+        metrics = evaluate(
+            compose_eval(
+                [f"checkpoint={run_dir}", f"eval={protocol}", *settings, *data, "trainer.progress=false"]
+            )
+        )
+        top1 = next(v for k, v in metrics.items() if k.endswith("_top1"))
+        assert 0 <= top1 <= 100, (protocol, metrics)
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert {"knn", "linear", "finetune_10pct", "distill_10pct"} <= set(results)
+    assert {r["data"] for r in results.values()} == {"synthetic"}
+    logged = {k for row in read_metrics(run_dir) for k in row if k.startswith("eval/")}
+    assert {
+        "eval/knn_top1",
+        "eval/linear_top1",
+        "eval/finetune_10pct_top1",
+        "eval/distill_10pct_top1",
+    } <= logged
+    if trained_with == "none":
+        assert not (run_dir / "wandb").exists()  # trained off W&B: evaluated off W&B
+    else:
+        run_id = checkpoint.load(run_dir / "final.pt")["wandb_id"]
+        assert {r.run_id for r in wandb_records(run_dir, "run")} == {run_id}
+
+
+@pytest.mark.slow
+def test_eval_chooses_the_logger(pretrained, pretrained_without_wandb, tmp_path: Path) -> None:
+    """logger=wandb on a run trained without W&B starts a W&B run named after the pretraining run
+    (its method, name); logger=none on a W&B run logs to metrics.jsonl only."""
+    run_dir = tmp_path / "none-run"
+    shutil.copytree(pretrained_without_wandb, run_dir)
+    result = run_eval(f"checkpoint={run_dir}", "logger=wandb", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record,) = wandb_records(run_dir, "run")
+    assert record.job_type == "simclr" and record.display_name.startswith("simclr-synthetic")
+    assert "eval/knn_top1" in (run_dir / "eval.log").read_text()
+
+    wandb_run = tmp_path / "wandb-run"
+    shutil.copytree(pretrained[0], wandb_run, ignore=shutil.ignore_patterns("wandb"))
+    result = run_eval(f"checkpoint={wandb_run}", "logger=none", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (wandb_run / "wandb").exists()
+
+
 def test_augmented_linear_probe_and_the_frozen_check(run_copy: Path, monkeypatch) -> None:
     cfg = compose_eval(
         [f"checkpoint={run_copy}", "eval=linear", "eval.epochs=1", "eval.augment=true", "logger=none"]
@@ -172,18 +246,31 @@ def test_bad_input_is_one_line_and_exit_2(run_copy: Path, tmp_path: Path) -> Non
         ([f"checkpoint={run_copy}", "eval=knnn"], "unknown eval 'knnn'"),
         ([f"checkpoint={run_copy}", "eval=distill"], "needs a fine-tuned teacher"),
         ([f"checkpoint={run_copy}", "eval=linear", "eval.epochs=0"], "eval.epochs=0 must be at least 1"),
+        ([f"checkpoint={run_copy}", "logger.mode=disabled"], "add logger=wandb"),
         ([f"checkpoint={run_copy}", "data=imagefolder", f"data.root={unlabelled}"], "needs labelled"),
     ]
     for args, message in cases:
-        result = run_eval(*args, "logger=none", cwd=tmp_path)
+        logger = [] if any(a.startswith("logger.") for a in args) else ["logger=none"]
+        result = run_eval(*args, *logger, cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
             args,
             result.stderr,
         )
+    # nothing but the log of those attempts (eval.log) is added
     assert sorted(p.name for p in run_copy.iterdir()) == sorted(
-        ["config.yaml", "eval.json", "final.pt", "last.pt", "metrics.jsonl", "run_info.json", ".hydra"]
+        [
+            "config.yaml",
+            "eval.json",
+            "eval.log",
+            "final.pt",
+            "last.pt",
+            "metrics.jsonl",
+            "run_info.json",
+            ".hydra",
+            "train.log",
+        ]
     )
 
 

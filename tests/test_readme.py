@@ -94,6 +94,10 @@ def readme_module_commands(module: str = "ssl_lab.train") -> list[list[str]]:
     return commands
 
 
+# The config dir of the README's "Your own configs", as it describes it.
+MY_CONF = Path(__file__).parent / "my_conf"
+
+
 def test_every_readme_train_command_composes() -> None:
     """Each command the README shows composes (a sweep's first value of each list stands for it), so
     renamed options and keys fail here rather than for a reader."""
@@ -105,7 +109,9 @@ def test_every_readme_train_command_composes() -> None:
     assert len(commands) >= 15
     for args in commands:
         overrides = [
-            a.split(",")[0] if "(" not in a and "[" not in a else a
+            (a.split(",")[0] if "(" not in a and "[" not in a else a).replace(
+                "/path/to/my_conf", str(MY_CONF)
+            )
             for a in args
             if a != "-m" and "<" not in a
         ]

@@ -1,13 +1,14 @@
 """The run dir's bookkeeping: metrics trimmed on resume, finding the checkpoint to evaluate or resume."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from ssl_lab.errors import UserError
 from ssl_lab.loggers import read_metrics
-from ssl_lab.rundir import drop_metrics_after, find_checkpoint, resume_checkpoint
+from ssl_lab.rundir import console_log, drop_metrics_after, find_checkpoint, resume_checkpoint
 
 
 def test_resume_moves_rows_after_the_checkpoint_aside(tmp_path: Path) -> None:
@@ -32,3 +33,26 @@ def test_find_checkpoint_prefers_final_and_says_what_is_wrong(tmp_path: Path) ->
     assert resume_checkpoint(tmp_path, True) == tmp_path / "last.pt"
     with pytest.raises(UserError, match="nothing to resume"):
         resume_checkpoint(tmp_path / "other", True)
+
+
+def test_console_log_keeps_what_the_terminal_shows(tmp_path: Path, capsys) -> None:
+    """Lines as printed; a progress bar redrawn with carriage returns leaves only its last state; stderr
+    too (the one-line errors); a crash's traceback; and a second start appends."""
+    log = tmp_path / "train.log"
+    with console_log(log):
+        print("kNN top-1 at random init: 30.20%")
+        sys.stderr.write("\repoch 1/4:  10%|#  |\repoch 1/4:  90%|## |\r              \r")
+        sys.stderr.write("epoch 1/4  loss 4.92\n")
+        print("error: epochs=-1 must not be negative", file=sys.stderr)
+    with pytest.raises(ZeroDivisionError), console_log(log):
+        print("second start")
+        1 / 0  # noqa: B018
+    lines = log.read_text().splitlines()
+    assert lines[0].startswith("--- ") and lines[4].startswith("--- ")
+    assert lines[1:4] == [
+        "kNN top-1 at random init: 30.20%",
+        "epoch 1/4  loss 4.92",
+        "error: epochs=-1 must not be negative",
+    ]
+    assert lines[5] == "second start" and lines[-1] == "ZeroDivisionError: division by zero"
+    assert "epoch 1/4:  90%" in capsys.readouterr().err  # the console itself is unchanged

@@ -104,6 +104,8 @@ def test_cli_run_dir_and_cfg_job(workdir: Path) -> None:
         p.name for p in run_dir.iterdir()
     }
     assert "kNN top-1:" in result.stdout and "at random init" in result.stdout
+    log = (run_dir / "train.log").read_text().splitlines()  # the console, also in the run dir
+    assert [line for line in result.stdout.splitlines() if line.strip()] == log[1:], log
     shown = run_cli("method=nnclr", "optimizer=lars", "--cfg", "job", cwd=workdir)
     assert shown.returncode == 0 and "nnclr" in shown.stdout and "timm.optim.Lars" in shown.stdout
     helped = run_cli("--help", cwd=workdir)
@@ -147,6 +149,8 @@ def test_interrupt_and_resume_equals_uninterrupted(how: str, workdir: Path) -> N
     resumed = run_cli(*args, "resume=true", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming {interrupted.parent.resolve()} at epoch" in resumed.stdout
+    log = (interrupted.parent / "train.log").read_text()  # one log: the first start, then the resume
+    assert log.count("\n--- ") == 1 and "Resuming" in log.split("\n--- ")[1]
     assert losses(interrupted.parent) == losses(workdir / "reference")
     ours, ref = (
         checkpoint.load(d / "final.pt")["model"] for d in (interrupted.parent, workdir / "reference")

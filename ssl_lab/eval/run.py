@@ -17,6 +17,7 @@ from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -24,10 +25,18 @@ from ssl_lab import checkpoint
 from ssl_lab.build import build_model, pick_device, precision_dtype
 from ssl_lab.config import CONF_DIR, check_command_line, check_config, compose, register_resolvers
 from ssl_lab.data.datasets import DataSplits
-from ssl_lab.errors import USER_FACING, UserError, exit_status, one_line, run_reporting_errors, user_message
+from ssl_lab.errors import (
+    USER_FACING,
+    UserError,
+    exit_status,
+    fail,
+    one_line,
+    run_reporting_errors,
+    user_message,
+)
 from ssl_lab.eval.common import EvalContext
 from ssl_lab.loggers import RunLogger
-from ssl_lab.rundir import find_checkpoint, write_json
+from ssl_lab.rundir import console_log, find_checkpoint, write_json
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -117,12 +126,19 @@ def evaluate(
 
 
 def logger_config(cfg: DictConfig, state: dict[str, Any]) -> DictConfig:
-    """W&B: the pretraining run's own project, name and group (its id comes from the checkpoint), so
-    eval/... metrics join its charts; the mode (offline/online/disabled) is this command's."""
-    pretrain = state["config"].get("logger", {})
-    if cfg.logger.name != "wandb" or pretrain.get("name") != "wandb":
-        return cfg.logger
-    return OmegaConf.merge(cfg.logger, {k: v for k, v in pretrain.items() if k != "mode"})
+    """Where the results are logged besides eval.json and metrics.jsonl: by default (logger=null) as the
+    pretraining run logged, so a run trained with logger=none stays off W&B and a W&B run gets its
+    eval/... metrics in its own charts (project, name and group from the checkpoint, which also holds
+    its id). logger=wandb|none chooses; its interpolations (${method.name}, ...) name the pretraining
+    run, and for a W&B run it joins, only its mode (offline/online/disabled) is this command's."""
+    pretrain = state["config"]
+    trained_with = pretrain.get("logger") or {"name": "none"}  # runs older than the logger group: none
+    if cfg.get("logger") is None:
+        return OmegaConf.create(trained_with)
+    chosen = OmegaConf.merge(pretrain, {"logger": cfg.logger}).logger  # resolved among the run's keys
+    if chosen.name == "wandb" and trained_with.get("name") == "wandb":
+        chosen = OmegaConf.merge(chosen, {k: v for k, v in trained_with.items() if k != "mode"})
+    return chosen
 
 
 def compose_eval(overrides: list[str]) -> DictConfig:
@@ -152,14 +168,21 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = evaluate(cfg)
-    except USER_FACING as e:
-        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
-        sys.exit(exit_status(e))
+    with console_log(Path(HydraConfig.get().runtime.output_dir) / "eval.log"):
+        try:
+            metrics = evaluate(cfg)
+        except USER_FACING as e:
+            print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+            sys.exit(exit_status(e))
     return next(iter(metrics.values()))  # top-1, for sweepers
 
 
 def cli() -> None:
-    check_command_line(sys.argv[1:])
+    args = sys.argv[1:]
+    check_command_line(args)
+    keys = [a.split("=")[0].lstrip("+~") for a in args if a.lstrip("+~").startswith("logger.")]
+    if keys and not any(a.startswith("logger=") for a in args):  # the default logger is the run's: null
+        fail(
+            f"{keys[0]} needs the logger chosen first: add logger=wandb (or logger=none) to the command line"
+        )
     run_reporting_errors(main)
