@@ -28,6 +28,7 @@ class TrainState:
     aug_rng_device: str = "cpu"  # the device type of that stream's generator
     wandb_id: str | None = None
     knn_init: float | None = None  # the kNN monitor at random init
+    knn_pixels: float | None = None  # the same kNN on raw pixels
 
     @property
     def fresh(self) -> bool:
@@ -43,11 +44,13 @@ class TrainState:
             "aug_rng_device": self.aug_rng_device,
             "wandb_id": self.wandb_id,
             "knn_init": self.knn_init,
+            "knn_pixels": self.knn_pixels,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.aug_rng, self.wandb_id, self.knn_init = state["aug_rng"], state["wandb_id"], state["knn_init"]
+        self.knn_pixels = state.get("knn_pixels")  # runs saved before the pixel baseline have none
         self.aug_rng_device = state.get("aug_rng_device", "cpu")
         set_rng_state(state["rng"])
 

@@ -23,7 +23,7 @@ from ssl_lab.checkpoint import TrainState
 from ssl_lab.data.datasets import DataSplits
 from ssl_lab.data.loader import batches, epoch_order
 from ssl_lab.errors import Interrupted, TrainingDiverged
-from ssl_lab.eval.knn import knn_accuracy
+from ssl_lab.eval.knn import knn_accuracy, pixel_knn_accuracy
 from ssl_lab.loggers import RunLogger
 
 
@@ -52,20 +52,77 @@ class Run:
             self.writer.save(state, self.run_dir / name)  # written in the background
 
     def monitor(self) -> float | None:
-        """The kNN monitor's top-1 on rank 0 (the others wait): computed once, not once per process."""
-        if self.data.memory is None:
+        """The kNN monitor's top-1 on rank 0 (the others wait): computed once, not once per process.
+        Logged as val/knn_top1 on the validation split; with data.val_size=0 as test/knn_top1."""
+        monitored = self.data.monitored()
+        if monitored is None:
             return None
+        splits, split = monitored
         top1 = None
         if self.main_process:
             cfg = self.cfg
             top1 = knn_accuracy(
-                self.step.model, self.data, cfg.monitor.k, cfg.monitor.temperature, device=self.device,
+                self.step.model, splits, cfg.monitor.k, cfg.monitor.temperature, device=self.device,
                 batch_size=cfg.monitor.batch_size, autocast_dtype=self.step.autocast_dtype,
                 channels_last=cfg.trainer.channels_last, num_workers=cfg.trainer.num_workers,
             )["top1"]  # fmt: skip
-            self.logger.log({"val/knn_top1": top1, "epoch": self.state.epoch}, step=self.state.step)
+            self.logger.log({f"{split}/knn_top1": top1, "epoch": self.state.epoch}, step=self.state.step)
         distributed.barrier()
         return top1
+
+    def pixel_baseline(self) -> float | None:
+        """The monitor's kNN on raw pixels, once at the start (rank 0): what training must beat."""
+        monitored = self.data.monitored()
+        if monitored is None or not self.main_process:
+            return None
+        splits, split = monitored
+        cfg = self.cfg.monitor
+        result = pixel_knn_accuracy(splits, cfg.k, cfg.temperature, self.device)
+        if result is None:
+            return None
+        self.logger.log({f"{split}/knn_top1_pixels": result["top1"]}, step=self.state.step)
+        return result["top1"]
+
+    def announce_baselines(self) -> None:
+        if not self.main_process:
+            return
+        if self.data.memory is None:
+            print(
+                f"data={self.cfg.data.name} has no labels: no validation split and no kNN monitor, "
+                "so the run returns nothing for a sweep to select on",
+                flush=True,
+            )
+            return
+        splits, split = self.data.monitored()
+        sizes = f"{len(splits.memory)} bank / {len(splits.test)} queries"
+        if split == "val":
+            pixels = self.state.knn_pixels
+            print(
+                f"kNN top-1 on the validation split ({sizes}) at random init: {self.state.knn_init:.2f}%"
+                + (f", on raw pixels: {pixels:.2f}%" if pixels is not None else ""),
+                flush=True,
+            )
+        else:
+            print(
+                f"no validation split (data.val_size=0): the kNN monitor reports test/knn_top1 ({sizes}), "
+                f"{self.state.knn_init:.2f}% at random init; do not choose hyperparameters on it",
+                flush=True,
+            )
+
+    def announce_result(self, final: float | None) -> None:
+        init, pixels = self.state.knn_init, self.state.knn_pixels
+        if final is None or init is None:
+            return
+        split = self.data.monitored()[1]
+        print(
+            f"{split} kNN top-1: {final:.2f}% trained vs {init:.2f}% at random init ({final - init:+.2f} points)"
+            + (
+                f" and {pixels:.2f}% on raw pixels ({final - pixels:+.2f} points)"
+                if pixels is not None
+                else ""
+            ),
+            flush=True,
+        )
 
 
 class Stop:

@@ -5,6 +5,11 @@
 Writes report.md, report.csv and report.png into that dir (or --out) and prints the table. It reads only
 the files the runs wrote (metrics.jsonl, run_info.json, .hydra/overrides.yaml, final.pt), so it works on a
 sweep that is still running, one copied off a cluster, or one logged without W&B.
+
+Validation and test figures stand side by side, and only validation picks: the "best" line uses the
+validation kNN (`val/knn_top1`, on images held out of training), never a test figure (`test/knn_top1`,
+`eval/*`), since a test set that chose the winner no longer measures it. Jobs that differ only in `seed`
+form a group, summarised as mean ± std and a 95 % Student-t interval (report_seeds.csv).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +32,19 @@ from matplotlib.ticker import MaxNLocator
 
 from ssl_lab.errors import fail
 
-# (row key, Markdown header, decimals): the numbers every job gets, in table order.
+# (row key, Markdown header, decimals): the numbers every job gets, in table order. The CSV keeps the row
+# keys (knn_top1_* are the validation monitor), so scripts that read report.csv keep working.
 NUMBERS = [
     ("steps", "steps", 0),
     ("epochs", "epochs", 0),
     ("train/loss", "train/loss", 4),
-    ("knn_top1_final", "kNN top-1 final", 2),
-    ("knn_top1_best", "kNN top-1 best", 2),
-    ("knn_top1_init", "kNN top-1 at init", 2),
+    ("knn_top1_final", "val/knn_top1 final", 2),
+    ("knn_top1_best", "val/knn_top1 best", 2),
+    ("knn_top1_init", "val/knn_top1 at init", 2),
 ]
-MD_NUMBERS = [n for n in NUMBERS if n[0] != "steps"]
+METRICS = NUMBERS[2:]  # what a seed group averages: the figures, not how far the job got
 FIXED = {"job", "status", "error", *(key for key, _, _ in NUMBERS)}
+SELECT = "knn_top1_final"  # the one figure that may pick a winner: validation kNN at the end
 USAGE_HINT = "pass a multirun dir such as outputs/multirun/<date>"
 
 
@@ -63,7 +71,8 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
     metrics = [row for row in (load(line, json.loads, dict) for line in lines) if row]
     train = [m for m in metrics if "train/loss" in m]
     loss = [(m.get("step"), number(m["train/loss"])) for m in train]
-    knn = [(m.get("epoch"), number(m["val/knn_top1"])) for m in metrics if "val/knn_top1" in m]
+    knn = curve(metrics, "val/knn_top1")
+    test_knn = curve(metrics, "test/knn_top1")  # the monitor when data.val_size=0: no validation split
     epochs = [m["epoch"] for m in train if isinstance(m.get("epoch"), int)]
     steps = [m["step"] for m in metrics if isinstance(m.get("step"), int)]
     rel = run.relative_to(root)
@@ -80,17 +89,25 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "knn_top1_final": knn[-1][1] if knn else None,
         "knn_top1_best": max((v for _, v in knn if v is not None and math.isfinite(v)), default=None),
         "knn_top1_init": knn[0][1] if knn else None,
-        # top-1 of each evaluation protocol run on it (eval_after or python -m ssl_lab.eval); the latest
-        "eval": {
+        # Test kNN only at the end: its best over epochs would be an epoch chosen on the test set.
+        **({"test/knn_top1_final": test_knn[-1][1]} if test_knn else {}),
+        # The raw-pixel kNN baseline (logged once) and the top-1 of each evaluation protocol run on the
+        # weights (eval_after or python -m ssl_lab.eval, on the test set); the latest of each.
+        **{
             k: number(v)
             for m in metrics
             for k, v in m.items()
-            if k.startswith("eval/") and k.endswith("_top1")
+            if k.endswith("_pixels") or (k.startswith("eval/") and k.endswith("_top1"))
         },
         # The curves for the figure: (x, y) pairs with both known.
         "loss_curve": [(x, y) for x, y in loss if x is not None and y is not None],
         "knn_curve": [(x, y) for x, y in knn if x is not None and y is not None],
+        "test_knn_curve": [(x, y) for x, y in test_knn if x is not None and y is not None],
     }
+
+
+def curve(metrics: list[dict[str, Any]], key: str) -> list[tuple[Any, float | None]]:
+    return [(m.get("epoch"), number(m[key])) for m in metrics if key in m]
 
 
 def read(path: Path) -> str:
@@ -114,6 +131,26 @@ def number(value: Any) -> float | None:
         return None
 
 
+def logged_keys(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The columns only some sweeps have: (raw-pixel references, test figures), in table order."""
+    keys = {k for r in rows for k in r}
+    references = sorted(k for k in keys if k.endswith("_pixels"))
+    tests = [k for k in ["test/knn_top1_final"] if k in keys] + sorted(
+        k for k in keys if k.startswith("eval/")
+    )
+    return references, tests
+
+
+def figures(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
+    """(row key, Markdown header, decimals) of every result column: validation first, then test."""
+    references, tests = logged_keys(rows)
+    return [
+        *METRICS,
+        *((k, k, 2) for k in references),
+        *((k, f"{k} (test)" if k.startswith("eval/") else k.replace("_final", " final"), 2) for k in tests),
+    ]
+
+
 def override_keys(rows: list[dict[str, Any]], varying_only: bool) -> list[str]:
     keys = list(dict.fromkeys(k for r in rows for k in r["params"]))
     if varying_only:
@@ -135,48 +172,243 @@ def fmt(value: float | None, decimals: int) -> str:
     return "–" if value is None else f"{value:.{decimals}f}"
 
 
-def eval_keys(rows: list[dict[str, Any]]) -> list[str]:
-    return sorted({k for r in rows for k in r["eval"]})
+def md_table(lines: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |" for cells in lines]
+
+
+# --- Seed groups: the same run with other seeds, summarised as mean ± std and a t-interval ---------------
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile t_{p, df} for p in (0.5, 1), by bisection on the exact CDF.
+
+    For whole degrees of freedom the t distribution's CDF is a finite sum of powers of cos θ,
+    θ = atan(t / sqrt(df)) (Abramowitz & Stegun 26.7.3-4), so it is exact for every n in a dozen lines,
+    without scipy (not a dependency) and without a table that turns into the normal's 1.96 at some n
+    (t_{0.975, 30} is 2.042, 4 % wider). Agrees with scipy.stats.t.ppf to 1e-9 (tests/test_report.py).
+    Each CDF costs df/2 terms: nothing beside a sweep, even for thousands of seeds.
+    """
+
+    def coverage(t: float) -> float:  # P(|T| <= t)
+        theta = math.atan(t / math.sqrt(df))
+        c2 = math.cos(theta) ** 2
+        if df % 2:
+            term = math.cos(theta)
+            total = term if df > 1 else 0.0
+            for k in range(3, df - 1, 2):
+                term *= c2 * (k - 1) / k
+                total += term
+            return 2 / math.pi * (theta + math.sin(theta) * total)
+        term = total = 1.0
+        for k in range(2, df - 1, 2):
+            term *= c2 * (k - 1) / k
+            total += term
+        return math.sin(theta) * total
+
+    target = 2 * p - 1
+    low, high = 0.0, 1.0
+    while coverage(high) < target:
+        high *= 2
+    for _ in range(100):  # halves [low, high] down to float resolution
+        middle = (low + high) / 2
+        low, high = (middle, high) if coverage(middle) < target else (low, middle)
+    return (low + high) / 2
+
+
+@dataclass(frozen=True)
+class Stats:
+    n: int
+    mean: float
+    std: float | None  # sample std (n - 1); None for one value
+    half_width: float | None  # of the 95 % interval of the mean
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return None if self.half_width is None else (self.mean - self.half_width, self.mean + self.half_width)
+
+
+def describe(values: list[float]) -> Stats | None:
+    """n, mean, sample std and the 95 % Student-t half-width t_{0.975, n-1} * std / sqrt(n).
+
+    Written out rather than with `statistics`: a diverged seed (NaN) should make the group's figure NaN,
+    not be dropped or raise."""
+    n = len(values)
+    if not n:
+        return None
+    mean = math.fsum(values) / n
+    if n == 1:
+        return Stats(1, mean, None, None)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return Stats(n, mean, std, t_quantile(0.975, n - 1) * std / math.sqrt(n))
+
+
+def seed_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Jobs whose overrides are the same but for `seed` (none: the default seed), in job order. Only
+    finished jobs enter the statistics: a failed seed's numbers are from a run that did not end."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(sorted((k, v) for k, v in r["params"].items() if k != "seed")), []).append(r)
+    metrics = [key for key, _, _ in figures(rows)]
+    result = []
+    for key, members in groups.items():
+        finished = [r for r in members if r["status"] == "finished"]
+        stats = {m: describe([r[m] for r in finished if r.get(m) is not None]) for m in metrics}
+        result.append({"params": dict(key), "rows": members, "finished": finished, "stats": stats})
+    return result
+
+
+def seeds(group: dict[str, Any]) -> str:
+    return ", ".join(str(r["params"].get("seed", "default")) for r in group["rows"])
+
+
+def jobs_cell(group: dict[str, Any]) -> str:
+    """How many jobs the statistics use, and why the others are left out: n=2 of 3, 1 failed."""
+    left_out = Counter(r["status"] for r in group["rows"] if r["status"] != "finished")
+    why = "".join(f", {count} {status}" for status, count in sorted(left_out.items()))
+    return f"n={len(group['finished'])} of {len(group['rows'])}{why}"
+
+
+def stats_cell(stats: Stats | None, n: int, decimals: int) -> str:
+    if stats is None:
+        return "–"
+    text = f"{stats.mean:.{decimals}f}"
+    if stats.interval is not None:
+        low, high = stats.interval
+        text += f" ± {stats.std:.{decimals}f} [{low:.{decimals}f}, {high:.{decimals}f}]"
+    return text if stats.n == n else f"{text} (n={stats.n})"
+
+
+def seeds_markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
+    keys = [k for k in override_keys(rows, varying_only=True) if k != "seed"]
+    numbers = figures(rows)
+    header = [*map(column, keys), "seeds", "jobs", *(h for _, h, _ in numbers)]
+    lines = [header, ["---"] * (len(keys) + 2) + ["---:"] * len(numbers)]
+    for g in groups:
+        n = len(g["finished"])
+        lines.append(
+            [*(g["params"].get(k, "") for k in keys), seeds(g), jobs_cell(g)]
+            + [stats_cell(g["stats"][key], n, d) for key, _, d in numbers]
+        )
+    intro = (
+        "Seed groups (jobs that differ only in seed): mean ± sample std [95 % Student-t interval of the "
+        "mean]; failed and incomplete jobs are left out of the statistics."
+    )
+    return intro + "\n\n" + "\n".join(md_table(lines))
+
+
+def has_seed_groups(groups: list[dict[str, Any]]) -> bool:
+    return any(len(g["rows"]) >= 2 for g in groups)
+
+
+def group_label(group: dict[str, Any], keys: list[str]) -> str:
+    params = group["params"]
+    return (
+        " ".join(f"{k}={params[k]}" for k in keys if k in params)
+        or " ".join(f"{k}={v}" for k, v in params.items())
+        or "the defaults"
+    )
+
+
+def best_line(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
+    """The winner by validation kNN (final): the job, or with seeds the group with the best mean, and its
+    test figures beside it. Never chosen on a test figure, even when there is nothing else."""
+    if not any(r["status"] == "finished" for r in rows):
+        return "No finished job yet: no winner picked."
+    scored = [g for g in groups if g["stats"][SELECT] is not None and math.isfinite(g["stats"][SELECT].mean)]
+    if not scored:
+        return (
+            "No validation split (no val/knn_top1 in the finished jobs): no winner picked; "
+            "test figures are never used to choose."
+        )
+    best = max(scored, key=lambda g: g["stats"][SELECT].mean)  # ties: the first in job order
+    _, tests = logged_keys(rows)
+    keys = [k for k in override_keys(rows, varying_only=True) if k != "seed"]
+    if has_seed_groups(groups):
+        n = len(best["finished"])
+        who = f"{group_label(best, keys)} (seeds {seeds(best)}; {jobs_cell(best)})"
+        what = f"mean val/knn_top1 final over seeds): {who}"
+        cells = {key: stats_cell(best["stats"][key], n, 2) for key in [SELECT, *tests]}
+    else:
+        (job,) = best["finished"]
+        what = f"val/knn_top1 final): job {job['job']}, {label(job, keys)}"
+        cells = {key: fmt(job.get(key), 2) for key in [SELECT, *tests]}
+    test = ", ".join(f"{k.removesuffix('_final')} {cells[k]}" for k in tests) or "none logged"
+    return f"Best on validation ({what}: {cells[SELECT]}; its test figures: {test}."
+
+
+# --- The report ----------------------------------------------------------------------------------------
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     keys = override_keys(rows, varying_only=True)
-    evals = eval_keys(rows)
+    numbers = [("epochs", "epochs", 0), *figures(rows)]
     errors = any(r["error"] for r in rows)
-    header = [
-        "job",
-        *map(column, keys),
-        "status",
-        *(h for _, h, _ in MD_NUMBERS),
-        *evals,
-        *(["error"] * errors),
-    ]
-    align = ["---"] * (len(keys) + 2) + ["---:"] * (len(MD_NUMBERS) + len(evals)) + ["---"] * errors
+    header = ["job", *map(column, keys), "status", *(h for _, h, _ in numbers), *(["error"] * errors)]
+    align = ["---"] * (len(keys) + 2) + ["---:"] * len(numbers) + ["---"] * errors
     lines = [header, align]
     for r in rows:
         cells = [r["job"], *(r["params"].get(k, "") for k in keys), r["status"]]
-        cells += [fmt(r[key], d) for key, _, d in MD_NUMBERS] + [fmt(r["eval"].get(k), 2) for k in evals]
+        cells += [fmt(r.get(key), d) for key, _, d in numbers]
         cells += [r["error"]] * errors
         lines.append(cells)
-    table = ["| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |" for cells in lines]
     counts = Counter(r["status"] for r in rows)
     statuses = ["finished", "failed", *sorted(set(counts) - {"finished", "failed"})]
     summary = ", ".join(f"{counts[s]} {s}" for s in statuses)
-    return "\n".join(table) + f"\n\n{len(rows)} jobs: {summary}."
+    parts = ["\n".join(md_table(lines)), f"{len(rows)} jobs: {summary}."]
+    groups = seed_groups(rows)
+    if has_seed_groups(groups):
+        parts.append(seeds_markdown(rows, groups))
+    parts.append(best_line(rows, groups))
+    return "\n\n".join(parts)
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     keys = override_keys(rows, varying_only=False)
-    evals = eval_keys(rows)
-    fields = ["job", *map(column, keys), "status", *(key for key, _, _ in NUMBERS), *evals, "error"]
+    numbers = [key for key, _, _ in NUMBERS] + [key for keys_ in logged_keys(rows) for key in keys_]
+    fields = ["job", *map(column, keys), "status", *numbers, "error"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for r in rows:
             values = {column(k): r["params"].get(k, "") for k in keys}
-            values |= {key: "" if r[key] is None else r[key] for key, _, _ in NUMBERS}
-            values |= {key: "" if r["eval"].get(key) is None else r["eval"][key] for key in evals}
+            values |= {key: "" if r.get(key) is None else r[key] for key in numbers}
             writer.writerow({"job": r["job"], "status": r["status"], "error": r["error"], **values})
+
+
+def write_seeds_csv(rows: list[dict[str, Any]], groups: list[dict[str, Any]], path: Path) -> None:
+    """One row per group and metric (the shape pandas and spreadsheets pivot), named as in report.csv."""
+    keys = [k for k in override_keys(rows, varying_only=False) if k != "seed"]
+    fields = [
+        *map(column, keys),
+        "seeds",
+        "jobs",
+        "finished",
+        "metric",
+        "n",
+        "mean",
+        "std",
+        "ci95_low",
+        "ci95_high",
+    ]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for g in groups:
+            for metric, stats in g["stats"].items():
+                if stats is None:
+                    continue
+                low, high = stats.interval or ("", "")
+                writer.writerow(
+                    {column(k): g["params"].get(k, "") for k in keys}
+                    | {"seeds": seeds(g), "jobs": len(g["rows"]), "finished": len(g["finished"])}
+                    | {
+                        "metric": metric,
+                        "n": stats.n,
+                        "mean": stats.mean,
+                        "std": "" if stats.std is None else stats.std,
+                    }
+                    | {"ci95_low": low, "ci95_high": high}
+                )
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -191,8 +423,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             loss_ax.plot(*zip(*r["loss_curve"]), marker="." if len(r["loss_curve"]) == 1 else "", **style)
         if r["knn_curve"]:
             knn_ax.plot(*zip(*r["knn_curve"]), marker="o", **style)
+        elif r["test_knn_curve"]:  # no validation split: the monitor ran on test, drawn dashed to say so
+            knn_ax.plot(*zip(*r["test_knn_curve"]), marker="o", linestyle="--", **style)
+    dashed = any(r["test_knn_curve"] and not r["knn_curve"] for r in rows)
+    knn_ax.set(
+        title="kNN top-1 per epoch" + (" (dashed: test split, no validation)" if dashed else ", validation"),
+        xlabel="epoch",
+        ylabel="val/knn_top1 (%)" + (", dashed test/knn_top1" if dashed else ""),
+    )
     loss_ax.set(title="Training loss", xlabel="step", ylabel="train/loss")
-    knn_ax.set(title="kNN top-1 on the validation set", xlabel="epoch", ylabel="val/knn_top1 (%)")
     knn_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (loss_ax, knn_ax):
         if ax.lines:
@@ -207,6 +446,13 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     paths["md"].write_text(markdown(rows) + "\n")
     write_csv(rows, paths["csv"])
     plot(rows, paths["png"])
+    groups = seed_groups(rows)
+    seeds_csv = out_dir / "report_seeds.csv"
+    if has_seed_groups(groups):
+        paths["seeds_csv"] = seeds_csv
+        write_seeds_csv(rows, groups, seeds_csv)
+    else:  # one left by an earlier report into this dir would describe other jobs than report.md
+        seeds_csv.unlink(missing_ok=True)
     return paths
 
 

@@ -29,7 +29,7 @@ from ssl_lab.rundir import drop_metrics_after, recorded, resume_checkpoint, shar
 
 
 def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
-    """Pretrain as `cfg` says; returns the final kNN top-1 (None for unlabelled data)."""
+    """Pretrain as `cfg` says; returns the final kNN top-1 on the validation split (None without one)."""
     check_config(cfg)
     device = distributed.init(pick_device(cfg.trainer.device), cfg.trainer.dist_timeout_s)
     rank, world = distributed.rank(), distributed.world_size()
@@ -68,25 +68,19 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         checkpoint.Writer(background=device.type == "cuda"),
     )
     with recorded(run_dir, logger, step=lambda: state.step), run.writer:
-        if state.fresh:
-            state.knn_init = run.monitor()
-            if state.knn_init is not None and rank == 0:
-                print(f"kNN top-1 at random init: {state.knn_init:.2f}%", flush=True)
+        if state.fresh:  # the floors training must beat: the network at random init, raw pixels
+            state.knn_init, state.knn_pixels = run.monitor(), run.pixel_baseline()
+            run.announce_baselines()
         fit(run)
         final = run.monitor()
         run.save("final.pt")
         run.writer.wait()  # on disk before anything reads it
         if rank == 0:
             print(f"Run dir: {run_dir}", flush=True)
-            if final is not None and state.knn_init is not None:
-                print(
-                    f"kNN top-1: {final:.2f}% trained vs {state.knn_init:.2f}% at random init "
-                    f"({final - state.knn_init:+.2f} points)",
-                    flush=True,
-                )
+            run.announce_result(final)
             for eval_cfg in eval_after:
                 evaluate(eval_cfg, logger, data=data if eval_cfg.get("data") is None else None)
-    return final
+    return final if data.val is not None else None  # for sweepers: a validation figure, never test
 
 
 def resume(cfg: DictConfig, run_dir: Path, step, state: TrainState) -> None:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ssl_lab import UserError
-from ssl_lab.data.datasets import cifar, imagefolder, synthetic
+from ssl_lab.data.datasets import DataSplits, ImageSet, cifar, hold_out, imagefolder, synthetic
 from ssl_lab.data.loader import batches, epoch_order
 
 CIFAR_ROOT = Path(os.environ.get("SSL_LAB_DATA", "~/.cache/ssl_lab")).expanduser() / "cifar10-jpeg"
@@ -112,3 +112,43 @@ def test_file_decoding_workers_persist_across_epochs(tmp_path: Path) -> None:
             assert torch.equal(a, b) and torch.equal(la, lb)
         loaders.append(next(v for k, v in lazy.train.__dict__.items() if isinstance(k, tuple)))
     assert loaders[0] is loaders[1] is loaders[2] and loaders[0].persistent_workers
+
+
+def ids(images: ImageSet) -> set[int]:
+    """Each image's identity: its first pixels, unique among these synthetic ones."""
+    return {hash(x[:, :4, :4].numpy().tobytes()) for x in images.images}
+
+
+def test_validation_split_is_held_out_of_the_labelled_training_images_by_a_fixed_seed() -> None:
+    data = synthetic(num_train=1000, num_test=200)
+    memory, val, bank, test = map(ids, (data.memory, data.val, data.val_bank, data.test))
+    assert len(memory) == 1000 and len(val) == 100 and len(bank) == 900  # default: 10 %
+    assert val | bank == memory and not val & bank  # disjoint, and together every labelled image
+    assert not val & test and not bank & test  # test stays out of selection
+    assert data.train is data.memory  # pretraining still sees every training image
+    assert torch.equal(data.val.labels, synthetic(num_train=1000, num_test=200).val.labels)  # fixed
+    torch.manual_seed(123)  # the run's own seed does not move it
+    assert ids(synthetic(num_train=1000, num_test=200).val) == val
+    assert len(synthetic(num_train=1000, num_test=200, val_size=250).val) == 250
+    off = synthetic(num_train=1000, num_test=200, val_size=0)
+    assert off.val is None and off.monitored()[1] == "test"
+    held = synthetic(num_train=1000, num_test=200, val_in_pretraining=False)
+    assert ids(held.train) == ids(held.val_bank) and ids(held.memory) == memory
+
+
+def test_the_monitor_reads_validation_and_the_evaluation_every_labelled_image() -> None:
+    data = synthetic(num_train=1000, num_test=200)
+    splits, split = data.monitored()
+    assert split == "val" and splits.memory is data.val_bank and splits.test is data.val
+    assert len(data.memory) == 1000  # what eval protocols train on: the validation images included
+
+
+def test_a_validation_split_that_leaves_too_few_images_is_refused() -> None:
+    with pytest.raises(
+        UserError, match=r"data.val_size=600 leaves 400 of data=synthetic's 1000 .*val_size<=500"
+    ):
+        synthetic(num_train=1000, num_test=200, val_size=600)
+    unlabelled = DataSplits(
+        ImageSet(images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8)), None, None, 0, [0], [1]
+    )
+    assert hold_out(unlabelled, None, "imagefolder") is unlabelled  # no labels: no split, no monitor

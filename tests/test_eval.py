@@ -1,5 +1,6 @@
 """Evaluation protocols: each one on a tiny checkpoint through the real CLI, chained after pretraining,
-checked against references (the runner's own kNN monitor, linearly separable features), and their errors."""
+checked against what their references prescribe (a frozen backbone under augmentation, every labelled
+image each epoch, the head's first layer, linearly separable features), and their errors."""
 
 import json
 import shutil
@@ -9,12 +10,20 @@ import pytest
 import torch
 from conftest import FAST, run_cli, wandb_records
 
+import ssl_lab.eval.common as common
+import ssl_lab.eval.distill as distill
+import ssl_lab.eval.finetune as finetune
+import ssl_lab.eval.linear as linear
+import ssl_lab.eval.linear_fast as linear_fast
 from ssl_lab import UserError, checkpoint
-from ssl_lab.eval.common import check_unchanged, frozen_state, percent
-from ssl_lab.eval.finetune import balanced_subset
-from ssl_lab.eval.linear import train_linear
-from ssl_lab.eval.run import compose_eval, evaluate
+from ssl_lab.data.augment import Augment
+from ssl_lab.eval.common import check_unchanged, even_batch_size, frozen_state, percent
+from ssl_lab.eval.finetune import balanced_subset, finetune_network, head_layers, paper_epochs
+from ssl_lab.eval.linear_fast import train_linear
+from ssl_lab.eval.run import compose_eval, evaluate, load_checkpoint, load_context
 from ssl_lab.loggers import read_metrics
+from ssl_lab.methods.base import mlp
+from ssl_lab.rundir import find_checkpoint
 
 QUIET = [*FAST, "trainer.progress=false"]
 
@@ -31,7 +40,7 @@ def pretrained(tmp_path_factory) -> tuple[Path, str]:
         *QUIET,
         "logger=wandb",
         "hydra.run.dir=run",
-        'eval_after=["knn eval.k=20","linear eval.epochs=20"]',
+        'eval_after=["knn eval.k=20","linear eval.epochs=2"]',
         cwd=work,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,16 +59,17 @@ def test_eval_after_runs_the_protocols_when_pretraining_ends(pretrained) -> None
     run_dir, stdout = pretrained
     results = json.loads((run_dir / "eval.json").read_text())
     assert set(results) == {"knn", "linear"}
-    assert results["linear"]["settings"]["epochs"] == 20 and results["knn"]["settings"]["k"] == 20
+    assert results["linear"]["settings"]["epochs"] == 2 and results["knn"]["settings"]["k"] == 20
     metrics = read_metrics(run_dir)
     final_step = checkpoint.load(run_dir / "final.pt")["step"]
     evals = {
         k: v for row in metrics if row["step"] == final_step for k, v in row.items() if k.startswith("eval/")
     }
     assert set(evals) == {"eval/knn_top1", "eval/knn_top5", "eval/linear_top1", "eval/linear_top5"}
-    # the kNN protocol with the monitor's k and T is the monitor: the same number, computed twice
-    monitor = [row["val/knn_top1"] for row in metrics if "val/knn_top1" in row][-1]
-    assert evals["eval/knn_top1"] == pytest.approx(monitor)
+    # the monitor selects on the validation split; the final protocols train on every labelled
+    # training image (data.limit_train=256) and report on the test split
+    assert any("val/knn_top1" in row for row in metrics)
+    assert "256 labelled train / 128 test images" in stdout
     assert "eval/linear_top1" in stdout and "eval.json" in stdout
     for value in evals.values():
         assert 0 <= value <= 100
@@ -105,6 +115,7 @@ def pretrained_without_wandb(tmp_path_factory) -> Path:
 TINY = {
     "knn": ["eval.k=20"],
     "linear": ["eval.epochs=1"],
+    "linear_fast": ["eval.epochs=1"],
     "finetune": ["eval.epochs=1"],
     "distill": ["eval.epochs=1", "eval.student=resnet_tiny"],
 }
@@ -131,12 +142,13 @@ def test_every_protocol_evaluates_a_run_of_either_logger(
         top1 = next(v for k, v in metrics.items() if k.endswith("_top1"))
         assert 0 <= top1 <= 100, (protocol, metrics)
     results = json.loads((run_dir / "eval.json").read_text())
-    assert {"knn", "linear", "finetune_10pct", "distill_10pct"} <= set(results)
+    assert {"knn", "linear", "linear_fast", "finetune_10pct", "distill_10pct"} <= set(results)
     assert {r["data"] for r in results.values()} == {"synthetic"}
     logged = {k for row in read_metrics(run_dir) for k in row if k.startswith("eval/")}
     assert {
         "eval/knn_top1",
         "eval/linear_top1",
+        "eval/linear_fast_top1",
         "eval/finetune_10pct_top1",
         "eval/distill_10pct_top1",
     } <= logged
@@ -166,17 +178,62 @@ def test_eval_chooses_the_logger(pretrained, pretrained_without_wandb, tmp_path:
     assert not (wandb_run / "wandb").exists()
 
 
-def test_augmented_linear_probe_and_the_frozen_check(run_copy: Path, monkeypatch) -> None:
-    cfg = compose_eval(
-        [f"checkpoint={run_copy}", "eval=linear", "eval.epochs=1", "eval.augment=true", "logger=none"]
-    )
-    result = evaluate(cfg)
+def context(run_dir: Path, *overrides: str):
+    """The EvalContext `evaluate` builds for this run (its model, data, device), to call a protocol with."""
+    cfg = compose_eval([f"checkpoint={run_dir}", *overrides, "logger=none", "trainer.progress=false"])
+    path = find_checkpoint(cfg.checkpoint)
+    return load_context(cfg, path, load_checkpoint(path), None)
+
+
+def test_linear_probe_keeps_the_backbone_frozen_while_augmenting(run_copy: Path, monkeypatch) -> None:
+    """eval=linear: every step a fresh random crop + flip goes through the backbone, in eval mode:
+    its parameters and batch-norm statistics are exactly as loaded afterwards."""
+    ctx = context(run_copy)
+    before = frozen_state(ctx.backbone)
+    seen = []  # (uint8 batch, augmented batch) of every step
+    real_augment = linear.train_augment
+
+    def recording_augment(ctx, crop_scale):
+        augment = real_augment(ctx, crop_scale)
+
+        def call(uint8, generator):
+            out = augment(uint8, generator)
+            seen.append((uint8.clone(), out.clone()))
+            return out
+
+        return call
+
+    monkeypatch.setattr(linear, "train_augment", recording_augment)
+    result = linear.evaluate(ctx, epochs=2, batch_size=1024)  # one batch of all 256 images per epoch
     assert 0 <= result["eval/linear_top1"] <= 100
+    after = ctx.backbone.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert any("running_mean" in k for k in before)  # batch norm statistics were among them
 
-    # a probe that lets batch norm update its statistics (a backbone in train mode) is caught
-    import ssl_lab.eval.linear as linear
+    assert len(seen) == 2
+    (images0, views0), (images1, views1) = seen
+    assert not torch.equal(views0, ctx.normalize(images0))  # augmented, not the plain images
+    # the same images in both epochs (in another order), augmented differently
+    row = {images1[i].numpy().tobytes(): i for i in range(len(images1))}
+    pairs = [(i, row[images0[i].numpy().tobytes()]) for i in range(len(images0))]
+    assert len(pairs) == 256
+    assert not any(torch.equal(views0[i], views1[j]) for i, j in pairs[:32])
 
-    real = linear.context_features
+
+def test_a_probe_that_lets_batch_norm_learn_is_caught(run_copy: Path, monkeypatch) -> None:
+    """A backbone in train mode during the probe updates its batch-norm statistics: the frozen check
+    fails the run, for the standard probe and for the fast one."""
+    real_fit = linear.fit
+
+    def leaky_fit(ctx, *args, **kwargs):
+        ctx.backbone.train()
+        return real_fit(ctx, *args, **kwargs)
+
+    monkeypatch.setattr(linear, "fit", leaky_fit)
+    with pytest.raises(RuntimeError, match="not frozen"):
+        evaluate(compose_eval([f"checkpoint={run_copy}", "eval=linear", "eval.epochs=1", "logger=none"]))
+
+    real = linear_fast.context_features
 
     def leaky(ctx, images, batch_size):
         ctx.backbone.train()
@@ -184,9 +241,101 @@ def test_augmented_linear_probe_and_the_frozen_check(run_copy: Path, monkeypatch
             ctx.backbone(ctx.normalize(images.images[:8]))
         return real(ctx, images, batch_size)
 
-    monkeypatch.setattr(linear, "context_features", leaky)
+    monkeypatch.setattr(linear_fast, "context_features", leaky)
     with pytest.raises(RuntimeError, match="not frozen"):
-        evaluate(compose_eval([f"checkpoint={run_copy}", "eval=linear", "eval.epochs=1", "logger=none"]))
+        evaluate(compose_eval([f"checkpoint={run_copy}", "eval=linear_fast", "eval.epochs=1", "logger=none"]))
+
+
+def test_finetune_sees_every_labelled_image_each_epoch(run_copy: Path, monkeypatch) -> None:
+    """1 % of the labels: 10 images (one per class), batches of at most 4: three batches per epoch,
+    none dropped (drop_last would have trained on 8)."""
+    ctx = context(run_copy, "eval=finetune")
+    epochs = []
+    real = common.epoch_batches
+
+    def counting(ctx, images, epoch, batch_size):
+        epochs.append([])
+        for uint8, labels in real(ctx, images, epoch, batch_size):
+            epochs[-1].append(labels.clone())
+            yield uint8, labels
+
+    monkeypatch.setattr(common, "epoch_batches", counting)
+    metrics = finetune.evaluate(ctx, label_fraction=0.01, epochs=2, batch_size=4, save=False)
+    labelled = metrics["eval/finetune_1pct_labels"]
+    assert labelled == 10 and labelled % 4 != 0
+    memory = ctx.data.memory
+    expected = memory.labels[balanced_subset(memory.labels, 0.01, 0)].sort().values
+    assert len(epochs) == 2
+    for batches in epochs:
+        assert [len(b) for b in batches] == [4, 4, 2]
+        assert torch.equal(torch.cat(batches).sort().values, expected)
+
+
+def test_even_batches_keep_every_image_and_no_lonely_one() -> None:
+    assert even_batch_size(500, 256) == 250  # 1 % of CIFAR-10: two batches of 250
+    assert even_batch_size(1000, 256) == 250
+    assert even_batch_size(50_000, 256) == 256
+    assert even_batch_size(10, 1024) == 10
+    for n in range(2, 600):
+        size = even_batch_size(n, 64)
+        assert size <= 64 and n % size != 1 and -(-n // size) <= -(-n // 64) + 1
+
+
+def test_the_supervised_augmentation_is_augments_crop_and_flip() -> None:
+    """common.CropFlip skips the colour operations that are off: the same views as Augment, bit for bit."""
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    settings = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0, mean=(0.5,) * 3, std=(0.25,) * 3)
+    full = Augment(32, **settings)(images, torch.Generator().manual_seed(0))
+    assert torch.equal(common.CropFlip(32, **settings)(images, torch.Generator().manual_seed(0)), full)
+
+
+def test_finetuning_starts_from_the_heads_first_layer_and_a_zero_classifier() -> None:
+    class Pretrained(torch.nn.Module):  # a method's shape: backbone, num_features, projector
+        def __init__(self, projector):
+            super().__init__()
+            self.backbone, self.num_features = torch.nn.Linear(3, 8), 8
+            self.projector = projector
+
+    simclr_like = Pretrained(mlp([8, 16, 4]))  # Linear-BN-ReLU, Linear
+    net = finetune_network(simclr_like, 1, num_classes=5)
+    assert [type(m) for m in net.head] == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU]
+    assert torch.equal(net.head[0].weight, simclr_like.projector[0].weight)
+    assert net.head[0].weight is not simclr_like.projector[0].weight  # a copy: the run stays as loaded
+    assert net.classifier.in_features == 16 and net.classifier.out_features == 5
+    assert not net.classifier.weight.any() and not net.classifier.bias.any()
+    assert net(torch.randn(6, 3)).abs().max() == 0  # zero logits until trained
+
+    from_backbone = finetune_network(simclr_like, 0, num_classes=5)
+    assert len(from_backbone.head) == 0 and from_backbone.classifier.in_features == 8
+
+    nnclr_like = Pretrained(mlp([8, 16, 16, 4], last_bn=True))  # two hidden layers
+    head, width = head_layers(nnclr_like, 2)
+    assert len(head) == 6 and width == 16
+    with pytest.raises(UserError, match="from_head_layer=2.*1 hidden layer"):
+        head_layers(simclr_like, 2)
+    assert [paper_epochs(f) for f in (0.01, 0.1, 1.0)] == [60, 30, 30]
+
+
+def test_distillation_with_labels_runs(run_copy: Path, monkeypatch) -> None:
+    """alpha > 0 adds a cross entropy on the teacher's labelled subset, drawn batch after batch."""
+    ctx = context(run_copy, "eval=finetune")
+    finetune.evaluate(ctx, label_fraction=0.1, epochs=1)
+    saved = checkpoint.load(run_copy / "finetune_10pct.pt")  # SimCLR's head: its first layer is in
+    assert saved["from_head_layer"] == 1 and saved["subset_seed"] == 0
+    assert saved["model"]["head.0.weight"].shape == ctx.model.projector[0].weight.shape
+    drawn = []
+    real = distill.labelled_batches
+
+    def counting(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            drawn.append(len(batch[1]))
+            yield batch
+
+    monkeypatch.setattr(distill, "labelled_batches", counting)
+    ctx = context(run_copy, "eval=distill")
+    metrics = distill.evaluate(ctx, alpha=0.5, epochs=1, student="resnet_tiny", batch_size=128)
+    assert 0 <= metrics["eval/distill_10pct_top1"] <= 100
+    assert len(drawn) == 2  # one labelled batch per step: 256 unlabelled images in batches of 128
 
 
 def test_check_unchanged_sees_any_parameter_or_buffer() -> None:
@@ -198,7 +347,7 @@ def test_check_unchanged_sees_any_parameter_or_buffer() -> None:
         check_unchanged(net, before, "net")
 
 
-def test_linear_probe_separates_linearly_separable_features() -> None:
+def test_fast_linear_probe_separates_linearly_separable_features() -> None:
     """Ten well-separated Gaussian clusters in 64 dimensions (a margin of several standard deviations):
     any correct linear probe gets every test point right."""
     g = torch.Generator().manual_seed(0)

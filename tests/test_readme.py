@@ -40,6 +40,8 @@ def test_main_command_learns(workdir: Path) -> None:
     assert found, result.stdout[-2000:]
     trained, random_init = map(float, found.groups())
     assert trained >= random_init + 10, (trained, random_init)
+    pixels = float(re.search(r"and ([\d.]+)% on raw pixels", result.stdout).group(1))
+    assert trained > pixels, (trained, pixels)  # the representation beats raw pixels at the same kNN
     (run_dir,) = (workdir / "outputs").glob("simclr-synthetic/*")
     knn = [r["val/knn_top1"] for r in read_metrics(run_dir) if "val/knn_top1" in r]
     assert knn[0] == pytest.approx(random_init, abs=0.01) and knn[-1] == pytest.approx(trained, abs=0.01)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_lab.report import collect, write_report
+from ssl_lab.report import collect, main, t_quantile, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = [("simclr", "sgd"), ("simclr", "lars"), ("nnclr", "sgd"), ("nnclr", "lars")]
@@ -27,18 +27,20 @@ def write_run(
     status: str | None = "finished",
     error: str | None = None,
     tail: str = "",
+    monitor: str = "val/knn_top1",
 ) -> None:
-    """A run dir as ssl_lab.train leaves it: one training row per epoch, kNN at init and after each epoch."""
+    """A run dir as ssl_lab.train leaves it: one training row per epoch, kNN at init and after each epoch
+    (`monitor`: val/knn_top1, or test/knn_top1 when the run has no validation split)."""
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    rows = [{"step": 0, "val/knn_top1": knn[0], "epoch": 0}]
+    rows = [{"step": 0, monitor: knn[0], "epoch": 0}]
     for epoch, loss in enumerate(losses):
         step = (epoch + 1) * 10
         rows.append(
             {"step": step, "train/loss": loss, "train/lr": 0.1, "train/img_per_s": 900.0, "epoch": epoch}
         )
         if epoch + 1 < len(knn):
-            rows.append({"step": step, "val/knn_top1": knn[epoch + 1], "epoch": epoch + 1})
+            rows.append({"step": step, monitor: knn[epoch + 1], "epoch": epoch + 1})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
     info = {"starts": [{"time": "2026-11-25T10:00:00", "command": "python -m ssl_lab.train -m"}]}
     if status is not None:
@@ -165,4 +167,156 @@ def test_eval_results_get_a_column(tmp_path: Path) -> None:
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [r["eval/linear_top1"] for r in rows] == ["", "41.5", "", ""]
     assert "eval/linear_top5" not in rows[0]
-    assert "| eval/linear_top1 |" in (sweep / "report.md").read_text()
+    assert "| eval/linear_top1 (test) |" in (sweep / "report.md").read_text()
+
+
+def append_metrics(run: Path, **metrics: float) -> None:
+    """A row as python -m ssl_lab.eval (or eval_after) appends it; eval__linear_top1 names eval/linear_top1."""
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 20, **{k.replace("__", "/"): v for k, v in metrics.items()}}) + "\n")
+
+
+# `-m seed=0,1,2 method=simclr,nnclr`: Hydra's job order, the last override varying fastest.
+SEEDS = [(seed, method) for seed in (0, 1, 2) for method in ("simclr", "nnclr")]
+# val kNN final and test linear top-1 per (method, seed): simclr is better on validation, nnclr on test.
+VAL = {"simclr": [50.0, 52.0, 54.0], "nnclr": [49.0, 50.0, 51.0]}
+TEST = {"simclr": [40.0, 41.0, 42.0], "nnclr": [60.0, 61.0, 62.0]}
+
+
+def make_seed_sweep(root: Path, failed: int | None = None) -> Path:
+    sweep = root / "multirun" / "2026-11-25_11-00-00"
+    for job, (seed, method) in enumerate(SEEDS):
+        run = sweep / str(job)
+        if job == failed:  # a high kNN from before it died: it must neither count nor win
+            write_run(run, [f"seed={seed}", f"method={method}"], [10.0, 99.0], [5.0], status="failed")
+            continue
+        write_run(run, [f"seed={seed}", f"method={method}"], [10.0, 40.0, VAL[method][seed]], [5.0, 4.0])
+        append_metrics(run, eval__linear_top1=TEST[method][seed], eval__linear_top5=90.0)
+    return sweep
+
+
+@pytest.mark.parametrize(
+    "df, expected",  # t_{0.975, df} from a printed table (scipy.stats.t.ppf gives the same to 1e-9)
+    [
+        (1, 12.706205),
+        (2, 4.302653),
+        (4, 2.776445),
+        (9, 2.262157),
+        (29, 2.045230),
+        (30, 2.042272),
+        (100, 1.983972),
+    ],
+)
+def test_t_quantile_matches_the_table(df: int, expected: float) -> None:
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-6)
+
+
+def test_t_quantile_agrees_with_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")  # not a dependency; checked where it is installed
+    for df in [*range(1, 61), 257, 1000]:
+        for p in (0.9, 0.975, 0.995):
+            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), abs=1e-9)
+
+
+def test_seed_groups_mean_std_and_t_interval(tmp_path: Path) -> None:
+    sweep = make_seed_sweep(tmp_path)
+    paths = write_report(collect(sweep), sweep)
+    md = paths["md"].read_text()
+    # simclr 50, 52, 54: mean 52, std 2, half-width t_{0.975,2} * 2 / sqrt(3) = 4.3027 * 1.1547 = 4.968
+    # nnclr 49, 50, 51: mean 50, std 1, half-width 4.3027 / sqrt(3) = 2.484
+    assert "| method | seeds | jobs | train/loss | val/knn_top1 final |" in md
+    assert (
+        "| simclr | 0, 1, 2 | n=3 of 3 | 4.0000 ± 0.0000 [4.0000, 4.0000] | 52.00 ± 2.00 [47.03, 56.97] |"
+        in md
+    )
+    assert (
+        "| nnclr | 0, 1, 2 | n=3 of 3 | 4.0000 ± 0.0000 [4.0000, 4.0000] | 50.00 ± 1.00 [47.52, 52.48] |"
+        in md
+    )
+    seed_table = [line for line in md.partition("Seed groups")[2].splitlines() if line.startswith("|")]
+    assert len({line.count(" | ") for line in seed_table}) == 1  # header, alignment, rows: one width
+
+    with open(paths["seeds_csv"], newline="") as f:
+        parsed = {(r["method"], r["metric"]): r for r in csv.DictReader(f)}
+    simclr = parsed[("simclr", "knn_top1_final")]
+    assert (simclr["seeds"], simclr["jobs"], simclr["finished"], simclr["n"]) == ("0, 1, 2", "3", "3", "3")
+    assert (float(simclr["mean"]), float(simclr["std"])) == (52.0, 2.0)
+    half = 4.302652729911275 * 2 / 3**0.5
+    assert float(simclr["ci95_low"]) == pytest.approx(52 - half, abs=1e-9)
+    assert float(simclr["ci95_high"]) == pytest.approx(52 + half, abs=1e-9)
+    nnclr_test = parsed[("nnclr", "eval/linear_top1")]
+    assert (float(nnclr_test["mean"]), float(nnclr_test["std"]), nnclr_test["n"]) == (61.0, 1.0, "3")
+    assert "seed" not in next(iter(parsed.values()))  # the seed is what a group averages over
+
+
+def test_winner_is_the_best_group_mean_on_validation_not_test(tmp_path: Path) -> None:
+    sweep = make_seed_sweep(tmp_path)
+    md = write_report(collect(sweep), sweep)["md"].read_text()
+    # nnclr is ahead on test (61 against 41) but behind on validation (50 against 52): simclr wins
+    assert md.splitlines()[-1] == (
+        "Best on validation (mean val/knn_top1 final over seeds): method=simclr (seeds 0, 1, 2; n=3 of 3): "
+        "52.00 ± 2.00 [47.03, 56.97]; its test figures: eval/linear_top1 41.00 ± 1.00 [38.52, 43.48]."
+    )
+
+
+def test_winner_job_is_picked_on_validation_not_test(tmp_path: Path) -> None:
+    for job, (method, val, test) in enumerate([("simclr", 60.0, 40.0), ("nnclr", 55.0, 70.0)]):
+        write_run(tmp_path / str(job), [f"method={method}"], [10.0, val], [5.0])
+        append_metrics(tmp_path / str(job), eval__linear_top1=test, val__knn_top1_pixels=20.0 + job)
+    md = write_report(collect(tmp_path), tmp_path / "report")["md"].read_text()
+    assert "Seed groups" not in md and not (tmp_path / "report" / "report_seeds.csv").exists()
+    # the raw-pixel baseline is a reference column between the validation and the test figures
+    assert "| val/knn_top1 at init | val/knn_top1_pixels | eval/linear_top1 (test) |" in md
+    assert "| 1 | nnclr | finished | 1 | 5.0000 | 55.00 | 55.00 | 10.00 | 21.00 | 70.00 |" in md
+    assert md.splitlines()[-1] == (
+        "Best on validation (val/knn_top1 final): job 0, method=simclr: 60.00; "
+        "its test figures: eval/linear_top1 40.00."
+    )
+
+
+def test_no_validation_split_picks_no_winner(tmp_path: Path) -> None:
+    """data.val_size=0: the monitor logs test/knn_top1; it is shown as test and never chooses."""
+    for job, (seed, method) in enumerate(SEEDS[:4]):
+        run = tmp_path / str(job)
+        write_run(
+            run, [f"seed={seed}", f"method={method}"], [10.0, 30.0 + job], [5.0], monitor="test/knn_top1"
+        )
+        append_metrics(run, eval__linear_top1=50.0 + job)
+    rows = collect(tmp_path)
+    assert [r["knn_top1_final"] for r in rows] == [None] * 4
+    assert [r["test/knn_top1_final"] for r in rows] == [30.0, 31.0, 32.0, 33.0]
+    paths = write_report(rows, tmp_path)
+    md = paths["md"].read_text()
+    header = md.splitlines()[0]
+    assert header.endswith(
+        "| val/knn_top1 final | val/knn_top1 best | val/knn_top1 at init | test/knn_top1 final "
+        "| eval/linear_top1 (test) |"
+    )
+    assert "| 3 | 1 | nnclr | finished | 1 | 5.0000 | – | – | – | 33.00 | 53.00 |" in md
+    seeds_row = "| simclr | 0, 1 | n=2 of 2 | 5.0000 ± 0.0000 [5.0000, 5.0000] | – | – | – | 31.00 ± 1.41"
+    assert seeds_row in md
+    assert md.splitlines()[-1] == (
+        "No validation split (no val/knn_top1 in the finished jobs): no winner picked; "
+        "test figures are never used to choose."
+    )
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failed_seed_is_left_out_and_counted(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep = make_seed_sweep(tmp_path, failed=4)  # simclr, seed 2 (val 99 before it died)
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    # simclr 50, 52: mean 51, std sqrt(2), half-width t_{0.975,1} * sqrt(2) / sqrt(2) = 12.706
+    assert (
+        "| simclr | 0, 1, 2 | n=2 of 3, 1 failed | 4.0000 ± 0.0000 [4.0000, 4.0000] "
+        "| 51.00 ± 1.41 [38.29, 63.71] |" in out
+    )
+    assert (
+        "Best on validation (mean val/knn_top1 final over seeds): method=simclr "
+        "(seeds 0, 1, 2; n=2 of 3, 1 failed): 51.00 ± 1.41 [38.29, 63.71];" in out
+    )
+    assert f"Wrote {sweep / 'report_seeds.csv'}" in out
+    rows = list(csv.DictReader((sweep / "report_seeds.csv").open()))
+    simclr = next(r for r in rows if (r["method"], r["metric"]) == ("simclr", "knn_top1_final"))
+    assert (simclr["jobs"], simclr["finished"], simclr["n"], float(simclr["mean"])) == ("3", "2", "2", 51.0)
+    assert float(simclr["ci95_high"]) - 51.0 == pytest.approx(12.706205, abs=1e-6)

@@ -30,6 +30,8 @@ def test_train_in_process(method: str, tmp_path: Path) -> None:
     assert top1 is not None and 0 <= top1 <= 100
     rows = read_metrics(tmp_path)
     assert rows[0]["step"] == 0 and "val/knn_top1" in rows[0]  # the random-init monitor
+    assert "val/knn_top1_pixels" in rows[1] and not any(k.startswith("test/") for r in rows for k in r)
+    assert top1 == [r["val/knn_top1"] for r in rows if "val/knn_top1" in r][-1]  # what sweepers get
     names = set().union(*rows)
     assert {"train/loss", "train/lr", "train/img_per_s", "val/knn_top1"} <= names
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
@@ -43,6 +45,25 @@ def test_train_in_process(method: str, tmp_path: Path) -> None:
     info = json.loads((tmp_path / "run_info.json").read_text())["starts"][0]
     assert info["versions"]["torch"] == importlib.metadata.version("torch")
     assert "ssl_lab.train" in info["command"] and "commit" in info["git"]
+
+
+def test_without_a_validation_split_the_monitor_says_test_and_returns_nothing(tmp_path: Path, capsys) -> None:
+    top1 = train(compose_cfg([*FAST, "epochs=1", "data.val_size=0"]), run_dir=tmp_path)
+    assert top1 is None  # a sweeper never optimises a test figure
+    rows = read_metrics(tmp_path)
+    assert "test/knn_top1" in rows[0] and not any("val/knn_top1" in r for r in rows)
+    assert "no validation split (data.val_size=0)" in capsys.readouterr().out
+
+
+def test_unlabelled_data_trains_without_a_monitor_and_says_so(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    for i in range(64):
+        Image.new("RGB", (36, 36), (i * 4, 255 - i * 4, 90)).save(tmp_path / f"{i}.png")
+    cfg = compose_cfg([*FAST, "epochs=1", "data=imagefolder", f"data.root={tmp_path}", "data.image_size=32"])
+    assert train(cfg, run_dir=tmp_path / "run") is None
+    assert "has no labels: no validation split and no kNN monitor" in capsys.readouterr().out
+    assert not any("knn" in k for r in read_metrics(tmp_path / "run") for k in r)
 
 
 @pytest.mark.parametrize(

@@ -1,13 +1,14 @@
 """Data sets as uint8 image tensors: held in memory when small, decoded by workers when not.
 
-Every loader returns `DataSplits`: the pretraining images, and for labelled data the kNN memory
-bank and test queries, with the normalisation statistics of the data set.
+Every loader returns `DataSplits`: the pretraining images, and for labelled data the labelled
+training images, a validation split held out of them (what the kNN monitor and sweeps select on) and
+the test split (only the final evaluation reads it), with the normalisation statistics of the data set.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +54,54 @@ class ImageSet:
 
 @dataclass
 class DataSplits:
-    train: ImageSet
-    memory: ImageSet | None  # labelled kNN bank; None for unlabelled data (no kNN monitor)
-    test: ImageSet | None  # labelled kNN queries
+    train: ImageSet  # what pretraining sees (no labels used)
+    memory: ImageSet | None  # all labelled training images: the final evaluation's training set
+    test: ImageSet | None  # the final evaluation's test set; never used for selection
     num_classes: int
     mean: Sequence[float]
     std: Sequence[float]
+    val: ImageSet | None = None  # held out of `memory` by a fixed seed: the kNN monitor's queries
+    val_bank: ImageSet | None = None  # `memory` without `val`: the kNN monitor's bank
+
+    def monitored(self) -> tuple[DataSplits, str] | None:
+        """The splits the kNN monitor uses, as (memory=bank, test=queries), and its metric's prefix:
+        validation when there is a split, else (data.val_size=0) test, named as such."""
+        if self.memory is None:
+            return None
+        if self.val is not None:
+            return replace(self, memory=self.val_bank, test=self.val), "val"
+        return self, "test"
+
+
+VAL_SEED = 2  # the validation split's own seed (train/test subsets use 0 and 1): the same across runs
+
+
+def hold_out(splits: DataSplits, val_size: int | None, name: str, in_pretraining: bool = True) -> DataSplits:
+    """`splits` with `val_size` labelled training images held out as the validation split (None: 10 %
+    of them; 0: none), chosen by a fixed seed so that every run, whatever its own seed, validates on the
+    same images. `in_pretraining=False` also keeps them out of pretraining, when `train` is the
+    labelled set."""
+    memory = splits.memory
+    if memory is None or val_size == 0:
+        return splits
+    n = len(memory)
+    size = max(1, n // 10) if val_size is None else val_size
+    if size > n // 2:
+        raise UserError(
+            f"data.val_size={size} leaves {n - size} of data={name}'s {n} labelled training images for "
+            f"the kNN bank; use data.val_size<={n // 2}, or 0 for no validation split"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))
+    val, bank = memory.select(order[:size].sort().values), memory.select(order[size:].sort().values)
+    train = splits.train
+    if not in_pretraining:
+        if train is not memory:
+            raise UserError(
+                f"data.val_in_pretraining=false: data={name} pretrains on more than its labelled images; "
+                "keep data.val_in_pretraining=true"
+            )
+        train = bank
+    return replace(splits, train=train, val=val, val_bank=bank)
 
 
 def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
@@ -173,6 +216,8 @@ def synthetic(
     std: Sequence[float] = (0.25, 0.25, 0.25),
     limit_train: PositiveInt | None = None,
     limit_test: PositiveInt | None = None,
+    val_size: NonNegativeInt | None = None,
+    val_in_pretraining: bool = True,
     **_: object,
 ) -> DataSplits:
     from ssl_lab.data.synthetic import make_synthetic
@@ -181,7 +226,9 @@ def synthetic(
     x_train, y_train, x_test, y_test = make_synthetic(num_train, num_test, image_size, num_classes, seed)
     train = ImageSet(images=x_train, labels=y_train, image_size=image_size)
     test = ImageSet(images=x_test, labels=y_test, image_size=image_size)
-    return DataSplits(train, train, test, num_classes, mean, std)
+    return hold_out(
+        DataSplits(train, train, test, num_classes, mean, std), val_size, "synthetic", val_in_pretraining
+    )
 
 
 def _missing(what: str, looked: list[Path], how: str) -> UserError:
@@ -198,6 +245,8 @@ def cifar(
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
     num_workers: NonNegativeInt = 2,
+    val_size: NonNegativeInt | None = None,
+    val_in_pretraining: bool = True,
     **_: object,
 ) -> DataSplits:
     """CIFAR-10/100 from torchvision's format (downloadable) or an ImageFolder tree with train/ and test/."""
@@ -215,7 +264,8 @@ def cifar(
                 folder / "train", image_size, True, limit_train, 0, True, num_workers
             )
             test, _ = folder_split(folder / "test", image_size, True, limit_test, 1, True, num_workers)
-            return DataSplits(train, train, test, len(classes), mean, std)
+            splits = DataSplits(train, train, test, len(classes), mean, std)
+            return hold_out(splits, val_size, name, val_in_pretraining)
     tv_root = next((f for f in looked if (f / tv_dir).is_dir()), base)
     if not (tv_root / tv_dir).is_dir() and not download:
         raise _missing(
@@ -230,7 +280,8 @@ def cifar(
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         full = ImageSet(images=images, labels=torch.tensor(ds.targets), image_size=32)
         splits.append(_limited(full, limit, seed))
-    return DataSplits(splits[0], splits[0], splits[1], len(ds.classes), mean, std)
+    splits = DataSplits(splits[0], splits[0], splits[1], len(ds.classes), mean, std)
+    return hold_out(splits, val_size, name, val_in_pretraining)
 
 
 def stl10(
@@ -241,9 +292,12 @@ def stl10(
     limit_test: PositiveInt | None = None,
     mean: Sequence[float] = (0.5, 0.5, 0.5),
     std: Sequence[float] = (0.25, 0.25, 0.25),
+    val_size: NonNegativeInt | None = None,
+    val_in_pretraining: bool = True,
     **_: object,
 ) -> DataSplits:
-    """Pretrain on train+unlabeled (105k images); the kNN bank is the labelled train split."""
+    """Pretrain on train+unlabeled (105k images, the validation images among them: unlabelled there);
+    the labelled train split is the evaluation's training set, and the validation split comes from it."""
     import torchvision
 
     base = Path(root).expanduser()
@@ -264,7 +318,7 @@ def stl10(
     train = _limited(
         ImageSet(images=torch.cat([memory.images, unlabeled.images]), image_size=96), limit_train, 0
     )
-    return DataSplits(train, memory, test, 10, mean, std)
+    return hold_out(DataSplits(train, memory, test, 10, mean, std), val_size, "stl10", val_in_pretraining)
 
 
 def imagefolder(
@@ -278,6 +332,8 @@ def imagefolder(
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),
     num_workers: NonNegativeInt = 2,
+    val_size: NonNegativeInt | None = None,
+    val_in_pretraining: bool = True,
     **_: object,
 ) -> DataSplits:
     """root/train + root/test (or root/val) of class folders; or any folder of images (no labels)."""
@@ -295,4 +351,5 @@ def imagefolder(
     if not labelled:
         return DataSplits(train, None, None, 0, mean, std)
     test, _ = folder_split(test_dir, image_size, True, limit_test, 1, in_memory, num_workers)
-    return DataSplits(train, train, test, len(classes), mean, std)
+    splits = DataSplits(train, train, test, len(classes), mean, std)
+    return hold_out(splits, val_size, "imagefolder", val_in_pretraining)

@@ -1,12 +1,12 @@
 """What the evaluation protocols share: the loaded run, frozen features, a supervised training loop
-(SGD with Nesterov momentum and a per-step cosine schedule) and top-1/top-5 on the test split."""
+(SGD with momentum and a per-step cosine schedule, every image once per epoch) and top-1/top-5 on the
+test split."""
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.scheduler.scheduler import Scheduler
 from tqdm import tqdm
 
-from ssl_lab.data.augment import Augment, normalize
+from ssl_lab.data.augment import Augment, normalize, resized_crop
 from ssl_lab.data.datasets import DataSplits, ImageSet
 from ssl_lab.data.loader import batches, epoch_order
 from ssl_lab.errors import UserError
@@ -106,14 +106,41 @@ def topk(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 
 def sgd_cosine(
-    params, base_lr: float, batch_size: int, weight_decay: float, steps_per_epoch: int, epochs: int
+    params,
+    base_lr: float,
+    batch_size: int,
+    weight_decay: float,
+    steps_per_epoch: int,
+    epochs: int,
+    nesterov: bool = True,
 ) -> tuple[torch.optim.Optimizer, Scheduler]:
-    """The protocols' optimiser: SGD with Nesterov momentum 0.9, lr = base_lr x batch/256, decayed to 0
-    by a cosine stepped per iteration (`scheduler.step_update(step)` before each step)."""
+    """The protocols' optimiser: SGD with momentum 0.9 (Nesterov's unless `nesterov=False`),
+    lr = base_lr x batch/256, decayed to 0 by a cosine stepped per iteration
+    (`scheduler.step_update(step)` before each step)."""
     optimizer = torch.optim.SGD(
-        params, lr=base_lr * batch_size / 256, momentum=0.9, nesterov=True, weight_decay=weight_decay
+        params, lr=base_lr * batch_size / 256, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay
     )
     return optimizer, warmup_cosine(optimizer, steps_per_epoch, epochs, warmup_epochs=0)
+
+
+def even_batch_size(n: int, batch_size: int) -> int:
+    """The size that splits `n` images into as many batches as `batch_size` would, as evenly as it
+    can (500 labels, batch 256: two batches of 250, not one of 256 and a rest of 244 that drop_last
+    would lose). Never one image left for the last batch, on which batch norm cannot train."""
+    size = math.ceil(n / math.ceil(n / batch_size))
+    while n % size == 1 and size > 2:
+        size -= 1
+    return size
+
+
+def epoch_batches(
+    ctx: EvalContext, images: ImageSet, epoch: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(uint8 images, labels) of one epoch: every image exactly once, in an order fixed by
+    (seed, epoch), in batches of `even_batch_size`; none is dropped."""
+    order = epoch_order(len(images), ctx.seed, epoch)
+    return batches(images, order, even_batch_size(len(images), batch_size), drop_last=False,
+                   num_workers=ctx.num_workers, pin_memory=ctx.device.type == "cuda")  # fmt: skip
 
 
 @torch.no_grad()
@@ -130,19 +157,21 @@ def test_accuracy(ctx: EvalContext, net: nn.Module, batch_size: int = 512) -> di
     return topk(torch.cat(logits), ctx.data.test.labels)
 
 
+class CropFlip(Augment):
+    """Augment's random resized crop + horizontal flip alone: the colour operations, off for supervised
+    training, are skipped rather than run as no-ops on every batch (most of the time on a CPU)."""
+
+    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        x = resized_crop(images.float().div_(255), params["crop"], self.size, params["flip"])
+        return (x - self.mean_t) / self.std_t
+
+
 def train_augment(ctx: EvalContext, crop_scale=(0.08, 1.0)) -> Augment:
-    """Random resized crop + flip, no colour changes: the augmentation of supervised fine-tuning and
-    of augmented linear probes (SimCLR, solo-learn)."""
+    """Random resized crop (at the image's own size) + flip, no colour changes: the augmentation of
+    supervised fine-tuning and of the standard linear probe (MoCo v3, SimCLR, solo-learn)."""
     size = ctx.data.test.image_size if ctx.data.test is not None else ctx.data.train.image_size
-    return Augment(
-        size,
-        crop_scale=crop_scale,
-        jitter_p=0.0,
-        gray_p=0.0,
-        blur_p=0.0,
-        mean=ctx.data.mean,
-        std=ctx.data.std,
-    ).to(ctx.device)
+    return CropFlip(size, crop_scale=crop_scale, jitter_p=0.0, gray_p=0.0, blur_p=0.0,
+                    mean=ctx.data.mean, std=ctx.data.std).to(ctx.device)  # fmt: skip
 
 
 def fit(
@@ -156,14 +185,17 @@ def fit(
     weight_decay: float = 0.0,
     augment: Augment | None = None,
     desc: str = "",
+    nesterov: bool = True,
 ) -> float:
-    """Train `params` for `epochs` over `images` with `sgd_cosine`; `loss_fn(inputs, labels)` gives
-    the loss of a batch. Returns the last loss."""
+    """Train `params` for `epochs` over `images` (every image once per epoch, `epoch_batches`) with
+    `sgd_cosine`; `loss_fn(inputs, labels)` gives the loss of a batch. Returns the last loss."""
     if epochs < 1:
         raise UserError(f"eval.epochs={epochs} must be at least 1")
-    batch_size = min(batch_size, len(images))
-    steps_per_epoch = len(images) // batch_size
-    optimizer, scheduler = sgd_cosine(params, base_lr, batch_size, weight_decay, steps_per_epoch, epochs)
+    batch_size = even_batch_size(len(images), batch_size)
+    steps_per_epoch = math.ceil(len(images) / batch_size)
+    optimizer, scheduler = sgd_cosine(
+        params, base_lr, batch_size, weight_decay, steps_per_epoch, epochs, nesterov
+    )
     generator = torch.Generator(ctx.device).manual_seed(ctx.seed + 1)
     step, loss = 0, torch.zeros(())
     bar = tqdm(
@@ -171,9 +203,7 @@ def fit(
         mininterval=0.5 if sys.stderr.isatty() else 30,
     )  # fmt: skip
     for epoch in range(epochs):
-        order = epoch_order(len(images), ctx.seed, epoch)
-        for uint8, labels in batches(images, order, batch_size, drop_last=True, num_workers=ctx.num_workers,
-                                     pin_memory=ctx.device.type == "cuda"):  # fmt: skip
+        for uint8, labels in epoch_batches(ctx, images, epoch, batch_size):
             scheduler.step_update(step)
             uint8 = uint8.to(ctx.device, non_blocking=True)
             x = ctx.prepare(augment(uint8, generator)) if augment is not None else ctx.normalize(uint8)
@@ -202,11 +232,6 @@ def check_unchanged(module: nn.Module, before: dict[str, torch.Tensor], what: st
     changed = [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
     if changed:
         raise RuntimeError(f"{what} changed during evaluation ({', '.join(changed[:3])}, ...): not frozen")
-
-
-def copy_backbone(ctx: EvalContext) -> nn.Module:
-    """A trainable copy of the pretrained backbone (the checkpoint's model stays as loaded)."""
-    return copy.deepcopy(ctx.backbone).to(ctx.device)
 
 
 def percent(fraction: float) -> str:

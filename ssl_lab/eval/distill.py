@@ -1,6 +1,16 @@
-"""eval=distill: SimCLRv2's third stage. A student (the pretrained architecture, or a smaller backbone)
-learns from scratch on the unlabelled training images to match the fine-tuned teacher's softened
-predictions: loss = -sum_y softmax(teacher / T) log softmax(student / T) (Chen et al. 2020b, eq. 3).
+"""eval=distill: SimCLRv2's third stage (Chen et al. 2020b, "Big Self-Supervised Models are Strong
+Semi-Supervised Learners", sec. 2, "Self-training / knowledge distillation via unlabeled examples").
+A student (the pretrained architecture, or a smaller backbone) learns from scratch on the unlabelled
+training images to match the fine-tuned teacher's tempered predictions:
+
+    L_distill = -sum_x sum_y P_T(y | x; T) log P_S(y | x; T),  P(y | x; T) = softmax(logits / T)
+
+Teacher and student see the same random resized crop + flip of each image; the teacher stays fixed.
+With `alpha` > 0 a cross entropy on the labelled subset the teacher was fine-tuned on joins in, the
+paper's weighted combination L = alpha L_CE + (1 - alpha) L_distill (the paper's formula calls
+1 - alpha what is `alpha` here); alpha=0, distillation on unlabelled images alone, is the paper's
+main setting. The student is a backbone + a linear classifier: the paper's students exclude the
+projection head.
 
 The teacher is `finetune_<pct>.pt` in the run dir, written by eval=finetune with the same
 `label_fraction` (or any such file given as `teacher=<path>`): chain `eval_after=[finetune,distill]`.
@@ -8,6 +18,7 @@ The teacher is `finetune_<pct>.pt` in the run dir, written by eval=finetune with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -17,23 +28,30 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from ssl_lab import checkpoint
-from ssl_lab.config import CONF_DIR, LabelFraction, NonNegativeFloat, PositiveFloat, PositiveInt
+from ssl_lab.config import CONF_DIR, LabelFraction, NonNegativeFloat, PositiveFloat, PositiveInt, Probability
+from ssl_lab.data.augment import Augment
+from ssl_lab.data.datasets import ImageSet
 from ssl_lab.errors import UserError
-from ssl_lab.eval.common import EvalContext, fit, percent, test_accuracy, train_augment
-from ssl_lab.eval.finetune import classifier
+from ssl_lab.eval.common import EvalContext, epoch_batches, fit, percent, test_accuracy, train_augment
+from ssl_lab.eval.finetune import balanced_subset, finetune_network
 
 
-def load_teacher(ctx: EvalContext, path: Path) -> nn.Module:
+def load_teacher(ctx: EvalContext, path: Path) -> tuple[nn.Module, dict]:
+    """The fine-tuned network of `path` (fixed, in eval mode) and its checkpoint's other entries."""
     state = checkpoint.load(path)
-    backbone = instantiate(state["config"]["backbone"])
-    teacher = classifier(backbone, backbone.num_features, state["num_classes"])
-    teacher.load_state_dict(state["model"])
+    if "from_head_layer" not in state:
+        raise UserError(f"{path} was written by an older eval=finetune; run eval=finetune again")
     if state["num_classes"] != ctx.data.num_classes:
         raise UserError(
             f"teacher {path} predicts {state['num_classes']} classes but data has {ctx.data.num_classes}; "
             "distil on the data set the teacher was fine-tuned on"
         )
-    return teacher.to(ctx.device).eval().requires_grad_(False)
+    config = state.pop("config")
+    method = instantiate(config["method"], backbone=instantiate(config["backbone"]))
+    teacher = finetune_network(method, state["from_head_layer"], state["num_classes"])
+    teacher.load_state_dict(state.pop("model"))
+    teacher = teacher.to(ctx.device).eval().requires_grad_(False)
+    return (teacher.to(memory_format=torch.channels_last) if ctx.channels_last else teacher), state
 
 
 def student_backbone(ctx: EvalContext, name: str | None) -> nn.Module:
@@ -49,13 +67,27 @@ def student_backbone(ctx: EvalContext, name: str | None) -> nn.Module:
     return instantiate(root.backbone)
 
 
+def labelled_batches(
+    ctx: EvalContext, images: ImageSet, batch_size: int, augment: Augment
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Augmented labelled batches, epoch after epoch, for as long as they are asked for."""
+    generator = torch.Generator(ctx.device).manual_seed(ctx.seed + 2)
+    epoch = 0
+    while True:
+        for uint8, labels in epoch_batches(ctx, images, epoch, batch_size):
+            x = ctx.prepare(augment(uint8.to(ctx.device, non_blocking=True), generator))
+            yield x, labels.to(ctx.device, non_blocking=True)
+        epoch += 1
+
+
 def evaluate(
     ctx: EvalContext,
     label_fraction: LabelFraction = 0.1,
     teacher: str | None = None,
     student: str | None = None,
     temperature: PositiveFloat = 1.0,
-    epochs: PositiveInt = 30,
+    alpha: Probability = 0.0,
+    epochs: PositiveInt = 400,
     batch_size: PositiveInt = 256,
     base_lr: PositiveFloat = 0.1,
     weight_decay: NonNegativeFloat = 1.0e-4,
@@ -68,21 +100,32 @@ def evaluate(
             f"eval.label_fraction={label_fraction} on this checkpoint first (or chain "
             "eval_after=[finetune,distill]), or set eval.teacher=<finetune_*.pt>"
         )
-    teacher_net = load_teacher(ctx, path)
+    teacher_net, teacher_state = load_teacher(ctx, path)
     backbone = student_backbone(ctx, student)
-    student_net = classifier(backbone, backbone.num_features, ctx.data.num_classes).to(ctx.device)
+    student_net = nn.Sequential(backbone, nn.Linear(backbone.num_features, ctx.data.num_classes))
+    student_net = student_net.to(ctx.device)
     student_net = student_net.to(memory_format=torch.channels_last) if ctx.channels_last else student_net
     student_net.train()
+    augment = train_augment(ctx)
+    labelled = None
+    if alpha > 0:  # the teacher's own labelled subset
+        memory = ctx.data.memory
+        subset = balanced_subset(memory.labels, teacher_state["label_fraction"], teacher_state["subset_seed"])
+        labelled = labelled_batches(ctx, memory.select(subset), batch_size, augment)
 
     def loss_fn(x: torch.Tensor, _labels: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
             target = F.softmax(teacher_net(x).float() / temperature, dim=1)
         log_p = F.log_softmax(student_net(x).float() / temperature, dim=1)
-        return -(target * log_p).sum(dim=1).mean()
+        loss = -(target * log_p).sum(dim=1).mean()
+        if labelled is not None:
+            x_labelled, y = next(labelled)
+            loss = (1 - alpha) * loss + alpha * F.cross_entropy(student_net(x_labelled).float(), y)
+        return loss
 
     unlabelled = ctx.data.train  # labels, where the split has them, are not used
     fit(ctx, list(student_net.parameters()), unlabelled, loss_fn, epochs, batch_size, base_lr, weight_decay,
-        augment=train_augment(ctx), desc="distillation")  # fmt: skip
+        augment=augment, desc="distillation")  # fmt: skip
     student_result = test_accuracy(ctx, student_net)
     teacher_result = test_accuracy(ctx, teacher_net)
     return {

@@ -55,3 +55,29 @@ def evaluate(
     """eval=knn."""
     result = knn_accuracy(ctx.backbone, ctx.data, k, temperature, **ctx.feature_options(batch_size))
     return {"eval/knn_top1": result["top1"], "eval/knn_top5": result["top5"]}
+
+
+PIXEL_BUDGET = 2**30  # bytes of float32 pixels for the bank: CIFAR's 45,000 images take 0.55 GiB
+
+
+@torch.no_grad()
+def pixel_knn_accuracy(
+    data: DataSplits, k: int, temperature: float, device: torch.device | str = "cpu"
+) -> dict[str, float] | None:
+    """The same weighted kNN on raw pixels (standardised with the data set's mean/std, flattened): the
+    floor a learned representation has to beat, beside the network at random init. None when the images
+    are decoded from files, or when the bank's pixels would not fit PIXEL_BUDGET."""
+    bank, queries = data.memory, data.test
+    if bank.images is None or queries.images is None or bank.images[0].numel() * 4 * len(bank) > PIXEL_BUDGET:
+        return None
+    mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
+
+    def pixels(images: torch.Tensor) -> torch.Tensor:
+        chunks = [((x.to(device).float() / 255 - mean) / std).flatten(1) for x in images.split(4096)]
+        return torch.cat(chunks)
+
+    scores = knn_predict(
+        pixels(queries.images), pixels(bank.images), bank.labels.to(device), data.num_classes, k, temperature
+    )
+    return topk(scores, queries.labels)

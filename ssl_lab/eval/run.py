@@ -64,7 +64,8 @@ def load_context(cfg: DictConfig, path: Path, state: dict[str, Any], data: DataS
     torch.manual_seed(cfg.seed)
     if data is None:
         data_cfg = cfg.data if cfg.get("data") is not None else pretrain["data"]
-        data = instantiate(data_cfg, num_workers=cfg.trainer.num_workers)
+        # no validation split: the final evaluation trains on every labelled training image
+        data = instantiate(data_cfg, num_workers=cfg.trainer.num_workers, val_size=0)
     if data.memory is None or data.test is None:
         raise UserError(
             f"eval={cfg.eval.name} needs labelled train and test images, and data={data_name(cfg, state)} "
