@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -10,7 +11,6 @@ import hydra.utils
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
@@ -39,19 +39,31 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str) -> float:
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module, batch_size: int) -> torch.optim.Optimizer:
-    """Biases and normalisation parameters (every parameter with ndim <= 1) get no weight decay;
-    for LARS this also exempts them from the trust-ratio adaptation."""
+    """Biases and normalisation parameters (ndim <= 1, or named *.bias: timm's rule) get no weight
+    decay; under LARS they are not adapted either, while the weights are, even at weight_decay=0."""
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     optimizer_class = hydra.utils.get_class(kwargs.pop("_target_"))
     own = OptimizerKeys(**{f.name: kwargs.pop(f.name) for f in fields(OptimizerKeys) if f.name in kwargs})
     lr = scaled_lr(own.base_lr, batch_size, own.lr_scaling)
-    if own.exclude_bias_and_norm:
-        params = param_groups_weight_decay(model, weight_decay=own.weight_decay)
-    else:
-        params = [
-            {"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": own.weight_decay}
-        ]
-    return optimizer_class(params, lr=lr, weight_decay=own.weight_decay, **kwargs)
+    # Split here, not with timm's param_groups_weight_decay: at weight_decay=0 that makes one group,
+    # and LARS must still tell the weights from the biases and norms. Excluded first, as timm orders
+    # them, so that the optimizer state of earlier checkpoints still lines up.
+    excluded, weights = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            is_excluded = own.exclude_bias_and_norm and (p.ndim <= 1 or name.endswith(".bias"))
+            (excluded if is_excluded else weights).append(p)
+    groups = [
+        {"params": excluded, "weight_decay": 0.0},
+        {"params": weights, "weight_decay": own.weight_decay},
+    ]
+    if "always_adapt" in inspect.signature(optimizer_class).parameters:
+        # timm's LARS adapts a group only when its weight_decay is non-zero unless the group's own
+        # `always_adapt` is set (step() reads group["always_adapt"]): without this, weight_decay=0
+        # would train with plain SGD at LARS-scale learning rates.
+        groups[0]["always_adapt"], groups[1]["always_adapt"] = False, kwargs.pop("always_adapt", True)
+    groups = [g for g in groups if g["params"]]
+    return optimizer_class(groups, lr=lr, weight_decay=own.weight_decay, **kwargs)
 
 
 def warmup_cosine(

@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 from lightly.models.modules import NNMemoryBankModule
 
+from ssl_lab import distributed
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.nnclr import NNCLR, SupportSet
+from ssl_lab.methods.nnclr import NNCLR, SupportSet, nn_xent
 from ssl_lab.methods.simclr import SimCLR, nt_xent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,10 +52,18 @@ def test_nt_xent_hand_computed() -> None:
     assert nt_xent(3 * z, z, temperature=0.01).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_nnclr_loss_equals_lightly() -> None:
-    torch.manual_seed(0)
-    model = NNCLR(FlatBackbone(16), queue_size=64, proj_hidden_dim=32, proj_output_dim=8, pred_hidden_dim=32)
+def small_nnclr(**kwargs) -> NNCLR:
+    model = NNCLR(
+        FlatBackbone(16), queue_size=64, proj_hidden_dim=32, proj_output_dim=8, pred_hidden_dim=32, **kwargs
+    )
     model.support.queue.copy_(torch.randn(64, 8))
+    return model
+
+
+def test_nnclr_lightly_loss_equals_lightly() -> None:
+    """`loss=lightly`, the loss ssl_lab had before `loss=paper` became the default."""
+    torch.manual_seed(0)
+    model = small_nnclr(loss="lightly")
     bank = NNMemoryBankModule(size=(64, 8))
     bank.bank = model.support.queue.clone()
     x0, x1 = torch.randn(12, 16), torch.randn(12, 16)
@@ -69,6 +79,77 @@ def test_nnclr_loss_equals_lightly() -> None:
     ours = model.training_step([x0, x1])["loss"]
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(model.support.queue, bank.bank)
+
+
+def papers_loss(neighbours: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Dwibedi et al. 2021, eq. 1, written out: for each i, -log of exp(NN(z_i) . p_i / T) over the sum
+    of exp(NN(z_i) . p_k / T) over the batch's k, all unit vectors; averaged over i."""
+    neighbours = neighbours / neighbours.norm(dim=1, keepdim=True)
+    p = p / p.norm(dim=1, keepdim=True)
+    terms = []
+    for i in range(len(neighbours)):
+        scores = torch.stack([torch.dot(neighbours[i], p[k]) / temperature for k in range(len(p))])
+        terms.append(-(scores[i] - torch.log(torch.exp(scores).sum())))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("gather", [False, True])
+def test_nnclr_paper_loss_equals_the_papers_formula(gather: bool) -> None:
+    """The default loss, symmetrised over the views: 0.5 (L(NN(z0), p1) + L(NN(z1), p0)).
+    With `gather` (world size 1 here) it takes the gathering code path."""
+    torch.manual_seed(0)
+    model = small_nnclr(gather_distributed=gather)
+    queue = model.support.queue.clone()
+    x0, x1 = torch.randn(12, 16), torch.randn(12, 16)
+
+    z0, z1 = model.projector(torch.cat([x0, x1])).chunk(2)
+    p0, p1 = model.predictor(torch.cat([z0, z1])).chunk(2)
+    cosine = F.normalize(torch.cat([z0, z1]), dim=1) @ F.normalize(queue, dim=1).T
+    nn0, nn1 = queue[cosine.argmax(1)].chunk(2)
+    ref = 0.5 * (papers_loss(nn0, p1, 0.1) + papers_loss(nn1, p0, 0.1))
+
+    ours = model.training_step([x0, x1])["loss"]
+    torch.testing.assert_close(ours, ref)
+    # and it is not lightly's loss on the same inputs
+    assert not torch.allclose(ours, 0.5 * (NTXentLoss(0.1)(nn0, p1) + NTXentLoss(0.1)(nn1, p0)))
+
+
+def test_nnclr_paper_loss_over_two_processes_equals_one(monkeypatch) -> None:
+    """Two processes simulated in one: each holds half the batch and gathers every prediction. The
+    mean of their losses is the global batch's loss, and the gradient reaching the predictions (what
+    DDP then averages) is the global one: each process's targets sit at its rank's offset."""
+    torch.manual_seed(0)
+    neighbours, p = torch.randn(8, 4), torch.randn(8, 4)
+    whole = p.clone().requires_grad_()
+    single = nn_xent(neighbours, whole, 0.2)
+    (single_grad,) = torch.autograd.grad(single, whole)
+
+    shared = p.clone().requires_grad_()
+    parts = shared.chunk(2)
+    losses = []
+    for rank in (0, 1):
+        # all_gather: this process's own (normalised) predictions, the other's as that one sent them
+        def gather(local: torch.Tensor, rank: int = rank) -> torch.Tensor:
+            return torch.cat([local if r == rank else F.normalize(parts[r], dim=1) for r in (0, 1)])
+
+        monkeypatch.setattr(distributed, "gather_with_grad", gather)
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        losses.append(nn_xent(neighbours.chunk(2)[rank], parts[rank], 0.2, gather=True))
+    mean = sum(losses) / 2
+    (grad,) = torch.autograd.grad(mean, shared)
+    torch.testing.assert_close(mean, single)
+    torch.testing.assert_close(grad, single_grad)
+
+
+def test_nnclr_loss_is_checked_by_the_config_check() -> None:
+    from conftest import compose_cfg
+
+    from ssl_lab.config import check_config
+    from ssl_lab.errors import UserError
+
+    check_config(compose_cfg(["method=nnclr", "method.loss=lightly"]))
+    with pytest.raises(UserError, match="method.loss=simclr is not one of paper, lightly"):
+        check_config(compose_cfg(["method=nnclr", "method.loss=simclr"]))
 
 
 def test_nnclr_neighbour_comes_from_queue_before_update_and_has_no_gradient() -> None:
@@ -115,6 +196,45 @@ def test_simclr_head_shapes_and_loss_decreases() -> None:
     assert losses[-1] < losses[0] - 0.5
 
 
+# SimCLR's projection head as it was before `proj_layers`: checkpoints saved then must still load.
+SIMCLR_HEAD_KEYS = [
+    "projector.0.weight",
+    "projector.1.weight",
+    "projector.1.bias",
+    "projector.1.running_mean",
+    "projector.1.running_var",
+    "projector.1.num_batches_tracked",
+    "projector.3.weight",
+    "projector.3.bias",
+]
+
+
+def test_simclr_default_head_is_unchanged() -> None:
+    model = SimCLR(FlatBackbone(16))
+    assert list(model.state_dict()) == SIMCLR_HEAD_KEYS
+    assert [type(m) for m in model.projector] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert model.projector[0].bias is None and model.projector[3].bias is not None
+    assert list(SimCLR(FlatBackbone(16), proj_layers=2).state_dict()) == SIMCLR_HEAD_KEYS
+
+
+def test_simclr_v2_head_has_three_layers_with_bn_on_each() -> None:
+    torch.manual_seed(0)
+    model = SimCLR(FlatBackbone(16), proj_layers=3, proj_output_dim=8)
+    kinds = [type(m) for m in model.projector]
+    assert kinds == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2 + [nn.Linear, nn.BatchNorm1d]
+    linears = [m for m in model.projector if isinstance(m, nn.Linear)]
+    # the middle layers are as wide as the backbone (SimCLRv2), no Linear has a bias (BN follows)
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 16), (16, 16), (16, 8)]
+    assert all(m.bias is None for m in linears)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 16)
+    loss = model.training_step([x + 0.05 * torch.randn_like(x), x + 0.05 * torch.randn_like(x)])["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    opt.step()
+
+
 def test_every_method_is_one_file_and_one_yaml() -> None:
     files = {p.stem for p in (ROOT / "ssl_lab" / "methods").glob("*.py")} - {"__init__", "base"}
     configs = {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")}
@@ -128,14 +248,15 @@ def test_every_method_is_one_file_and_one_yaml() -> None:
         )
 
 
-def test_the_loss_is_fp32_under_bf16_autocast() -> None:
+@pytest.mark.parametrize("loss_fn", [nt_xent, nn_xent])
+def test_the_loss_is_fp32_under_bf16_autocast(loss_fn) -> None:
     """Under autocast a .float() before the loss is not enough (autocast re-casts the matmul): at
     T=0.1 bf16 logits are resolved to ~0.05. The loss must equal the fp32 one."""
     torch.manual_seed(0)
     z0, z1 = torch.randn(64, 128), torch.randn(64, 128)
-    reference = nt_xent(z0, z1, 0.1)
+    reference = loss_fn(z0, z1, 0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = nt_xent(z0, z1, 0.1)
+        loss = loss_fn(z0, z1, 0.1)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, reference, rtol=0, atol=1e-6)
 

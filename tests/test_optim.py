@@ -35,23 +35,42 @@ def test_bias_and_norm_get_no_weight_decay(name: str) -> None:
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
-def test_lars_adapts_weights_but_not_bias_or_norm() -> None:
-    """One LARS step against the update written out by hand (You et al. 2017, as timm implements it)."""
+@pytest.mark.parametrize(
+    "weight_decay,always_adapt", [(0.01, True), (0.0, True), (0.01, False), (0.0, False)]
+)
+def test_lars_adapts_weights_but_not_bias_or_norm(weight_decay: float, always_adapt: bool) -> None:
+    """One LARS step against the update written out by hand (You et al. 2017, as timm implements it).
+    The weights are adapted at weight_decay=0 too; `always_adapt=false` gives back timm's default,
+    under which a group without weight decay is plain SGD."""
     torch.manual_seed(0)
     model = small_model()
-    opt = build_optimizer(optimizer_cfg("lars", base_lr=0.5, weight_decay=0.01, momentum=0.0), model, 256)
+    cfg = optimizer_cfg(
+        "lars", base_lr=0.5, weight_decay=weight_decay, momentum=0.0, always_adapt=always_adapt
+    )
+    opt = build_optimizer(cfg, model, 256)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model(torch.randn(16, 8)).pow(2).mean().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     opt.step()
     for n, p in model.named_parameters():
         w, g = before[n], grads[n]
-        if p.ndim > 1:  # trust ratio eta * |w| / (|g| + wd |w|), weight decay in the gradient
-            ratio = 0.001 * w.norm() / (g.norm() + 0.01 * w.norm())
-            expected = w - 0.5 * ratio * (g + 0.01 * w)
+        if p.ndim > 1 and (weight_decay > 0 or always_adapt):
+            # trust ratio eta * |w| / (|g| + wd |w| + eps), weight decay in the gradient
+            ratio = 0.001 * w.norm() / (g.norm() + weight_decay * w.norm() + 1e-8)
+            expected = w - 0.5 * ratio * (g + weight_decay * w)
         else:  # plain SGD: neither decay nor adaptation
             expected = w - 0.5 * g
         torch.testing.assert_close(p.detach(), expected, msg=n)
+
+
+def test_only_the_weights_group_is_always_adapted() -> None:
+    model = small_model()
+    opt = build_optimizer(optimizer_cfg("lars", weight_decay=0.0), model, batch_size=256)
+    adapted = {id(p) for g in opt.param_groups if g["always_adapt"] for p in g["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) in adapted} == {"0.weight", "3.weight"}
+    # optimizers without the option get no such key
+    sgd = build_optimizer(optimizer_cfg("sgd", weight_decay=0.0), model, batch_size=256)
+    assert all("always_adapt" not in g for g in sgd.param_groups) and len(sgd.param_groups) == 2
 
 
 def test_warmup_cosine_lr_at_warmup_end_and_end() -> None:

@@ -3,6 +3,8 @@ in a FIFO support set of past projections; a predictor on the other view must ma
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,6 +13,21 @@ from ssl_lab import distributed
 from ssl_lab.config import PositiveFloat, PositiveInt
 from ssl_lab.methods.base import Method, mlp
 from ssl_lab.methods.simclr import nt_xent
+
+
+def nn_xent(nn0: torch.Tensor, p1: torch.Tensor, temperature: float, gather: bool = False) -> torch.Tensor:
+    """The paper's loss (its eq. 1, as solo-learn computes it): each nearest neighbour NN(z0_i) against
+    the other view's predictions of the whole batch, an N-way cross entropy whose target is p1_i.
+
+    With `gather`, the predictions come from every process, with their gradients, and each local
+    row's target sits at its rank's offset; the neighbours carry no gradient and stay local."""
+    # fp32 with autocast off, as in nt_xent: bf16 logits at T=0.1 are resolved to ~0.05.
+    with torch.autocast(p1.device.type, enabled=False):
+        nn0, p1 = F.normalize(nn0.float(), dim=1), F.normalize(p1.float(), dim=1)
+        n = p1.shape[0]
+        all_p1 = distributed.gather_with_grad(p1) if gather else p1
+        rows = torch.arange(n, device=p1.device) + (distributed.rank() * n if gather else 0)
+        return F.cross_entropy(nn0 @ all_p1.T / temperature, rows)
 
 
 class SupportSet(nn.Module):
@@ -49,10 +66,14 @@ class NNCLR(Method):
         proj_output_dim: PositiveInt = 256,
         pred_hidden_dim: PositiveInt = 4096,
         gather_distributed: bool = True,
+        loss: Literal["paper", "lightly"] = "paper",
         name: str = "nnclr",
     ) -> None:
         super().__init__(backbone)
         self.temperature, self.gather = temperature, gather_distributed
+        # paper: N-way, the other view's predictions are the candidates (the paper, solo-learn);
+        # lightly: NT-Xent over the 2N neighbours and predictions (lightly's NNCLR example).
+        self.criterion = nn_xent if loss == "paper" else nt_xent
         self.projector = mlp(
             [self.num_features, proj_hidden_dim, proj_hidden_dim, proj_output_dim], last_bn=True
         )
@@ -66,7 +87,7 @@ class NNCLR(Method):
         # Both neighbours come from the support set as it was before this batch is added.
         nn0, nn1 = self.support.nearest(z0), self.support.nearest(z1)
         t, g = self.temperature, self.gather
-        loss = 0.5 * (nt_xent(nn0, p1, t, g) + nt_xent(nn1, p0, t, g))
+        loss = 0.5 * (self.criterion(nn0, p1, t, g) + self.criterion(nn1, p0, t, g))
         # After both look-ups, as in lightly's NNCLR example; every process adds every process's
         # embeddings, so all see the same support set whatever their number.
         self.support.push(distributed.gather(z1))

@@ -41,13 +41,18 @@ class SimCLR(Method):
         temperature: PositiveFloat = 0.5,
         proj_hidden_dim: PositiveInt | None = None,
         proj_output_dim: PositiveInt = 128,
+        proj_layers: PositiveInt = 2,
         gather_distributed: bool = True,
         name: str = "simclr",
     ) -> None:
         super().__init__(backbone)
         self.temperature, self.gather = temperature, gather_distributed
         hidden = proj_hidden_dim or self.num_features
-        self.projector = mlp([self.num_features, hidden, proj_output_dim])
+        # 1: one Linear. 2: SimCLR's head, Linear-BN-ReLU-Linear. 3 (or more): SimCLRv2's, deeper, with
+        # BN after every Linear, the last included. SimCLRv2's last BN has no shift; this one keeps its
+        # learnable bias: a frozen one would not survive the conversion to SyncBatchNorm.
+        dims = [self.num_features, *[hidden] * (proj_layers - 1), proj_output_dim]
+        self.projector = mlp(dims, last_bn=proj_layers > 2)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z0, z1 = self.embed_views(views, self.projector)
