@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_lab.config import PositiveFloat, PositiveInt
+from ssl_lab.data.augment import normalize
 from ssl_lab.data.datasets import DataSplits
 from ssl_lab.eval.common import EvalContext, features, topk
 
@@ -70,12 +71,11 @@ def pixel_knn_accuracy(
     bank, queries = data.memory, data.test
     if bank.images is None or queries.images is None or bank.images[0].numel() * 4 * len(bank) > PIXEL_BUDGET:
         return None
-    mean = torch.tensor(data.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(data.std, device=device).view(1, 3, 1, 1)
 
-    def pixels(images: torch.Tensor) -> torch.Tensor:
-        chunks = [((x.to(device).float() / 255 - mean) / std).flatten(1) for x in images.split(4096)]
-        return torch.cat(chunks)
+    def pixels(images: torch.Tensor) -> torch.Tensor:  # the eval transform, flattened
+        return torch.cat(
+            [normalize(x.to(device), data.mean, data.std).flatten(1) for x in images.split(4096)]
+        )
 
     scores = knn_predict(
         pixels(queries.images), pixels(bank.images), bank.labels.to(device), data.num_classes, k, temperature
