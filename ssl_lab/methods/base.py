@@ -37,10 +37,11 @@ class Method(nn.Module):
 
     name: str = "method"
 
-    def __init__(self, backbone: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, concat_views: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_features: int = backbone.num_features
+        self.concat_views = concat_views
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]):
         if isinstance(x, list | tuple):
@@ -58,8 +59,15 @@ class Method(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         """After the optimizer step `step` (0-based) of `total_steps`: nothing by default."""
 
-    def embed_views(self, views: list[torch.Tensor], head: nn.Module) -> tuple[torch.Tensor, ...]:
-        # One pass over the views: bigger matmuls, and batch norm sees the 2N images of the batch
-        # as SimCLR's global BN does.
-        z = head(self.backbone(torch.cat(views)))
-        return z.chunk(len(views))
+    def per_view(self, module: nn.Module, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`module` on each view. With `concat_views` (the default) in one pass: bigger matmuls, and
+        batch norm's statistics are over the 2N images of the batch, as SimCLR's global BN; without,
+        one pass per view, so each view is normalised by its own statistics (lightly's examples call
+        the model once per view). Views of different sizes always take a pass each."""
+        if self.concat_views and len({v.shape[1:] for v in views}) == 1:
+            return list(module(torch.cat(views)).chunk(len(views)))
+        return [module(v) for v in views]
+
+    def embed_views(self, views: list[torch.Tensor], head: nn.Module) -> list[torch.Tensor]:
+        """head(backbone(view)) for each view (see `per_view`)."""
+        return self.per_view(lambda x: head(self.backbone(x)), views)

@@ -67,9 +67,10 @@ class NNCLR(Method):
         pred_hidden_dim: PositiveInt = 4096,
         gather_distributed: bool = True,
         loss: Literal["paper", "lightly"] = "paper",
+        concat_views: bool = True,
         name: str = "nnclr",
     ) -> None:
-        super().__init__(backbone)
+        super().__init__(backbone, concat_views)
         self.temperature, self.gather = temperature, gather_distributed
         # paper: N-way, the other view's predictions are the candidates (the paper, solo-learn);
         # lightly: NT-Xent over the 2N neighbours and predictions (lightly's NNCLR example).
@@ -82,7 +83,7 @@ class NNCLR(Method):
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z0, z1 = self.embed_views(views, self.projector)
-        p0, p1 = self.predictor(torch.cat([z0, z1])).float().chunk(2)
+        p0, p1 = (p.float() for p in self.per_view(self.predictor, [z0, z1]))
         z0, z1 = z0.float(), z1.float()
         # Both neighbours come from the support set as it was before this batch is added.
         nn0, nn1 = self.support.nearest(z0), self.support.nearest(z1)
