@@ -9,6 +9,7 @@ build through here, so that what the bench measures is what trains.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -100,12 +101,15 @@ class TrainStep:
         """The method's views of this process's images. Parameters are drawn for the whole global batch
         and sliced, so every sample gets the same views whatever the number of processes."""
 
+        drawn = itertools.count()  # the view's index: asymmetric recipes set views apart (augment.views)
+
         def draw(**changes) -> torch.Tensor:
-            augment = self.augment
+            index = next(drawn)
+            augment = self.augment.for_view(index)
             if changes:
-                key = repr(sorted(changes.items()))  # lists are not hashable
+                key = repr((min(index, len(self.augment.views)), sorted(changes.items())))  # hashable
                 if key not in self.variants:
-                    self.variants[key] = self.augment.variant(**changes).to(images.device)
+                    self.variants[key] = augment.variant(**changes).to(images.device)
                 augment = self.variants[key]
             params = augment.sample_params(
                 self.batch_size, *images.shape[-2:], generator=rng, device=images.device

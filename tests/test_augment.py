@@ -64,11 +64,23 @@ def test_flip_jitter_gray_blur_rates_and_ranges(cifar_params) -> None:
     assert p["order"].unique().numel() == 24  # every order of the four jitter ops occurs
 
 
+def assert_uniform(values: torch.Tensor, low: float, high: float) -> None:
+    assert values.min() >= low and values.max() <= high
+    assert values.mean().item() == pytest.approx((low + high) / 2, abs=0.01)
+    assert values.std().item() == pytest.approx((high - low) / math.sqrt(12), rel=0.03)
+
+
 def test_blur_recipe() -> None:
+    """simclr_imagenet is the SimCLR paper's ImageNet recipe: colour strength s=1.0 and blur p 0.5."""
     aug = recipe("simclr_imagenet")
     p = aug.sample_params(N, 32, 32, torch.Generator().manual_seed(1))
     assert p["blur"].float().mean().item() == pytest.approx(0.5, abs=0.01)
-    assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0
+    assert_uniform(p["sigma"], 0.1, 2.0)
+    for factor, (low, high) in zip(p["factors"].unbind(1), [(0.2, 1.8)] * 3 + [(-0.2, 0.2)]):
+        assert_uniform(factor, low, high)
+    assert p["jitter"].float().mean().item() == pytest.approx(0.8, abs=0.01)
+    assert p["gray"].float().mean().item() == pytest.approx(0.2, abs=0.01)
+    assert "solarize" not in p  # drawn only by recipes that solarize: the others keep their stream
     assert aug.blur_kernel == 3
     assert Augment(size=224, blur_p=0.5).blur_kernel == 23  # SimCLR: 10 % of 224, made odd
     assert Augment(size=96, blur_p=0.5).blur_kernel == 9
@@ -155,6 +167,78 @@ def test_jitter_order_grayscale_and_blur_equal_torchvision(image) -> None:
     )
 
 
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+def test_solarize_equals_torchvision(image, threshold) -> None:
+    aug = Augment(size=32, solarize_p=0.2, solarize_threshold=threshold)
+    on = unnormalized(aug, image, one({}, solarize=torch.tensor([True])))
+    torch.testing.assert_close(on, TF.solarize(image.float() / 255, threshold), atol=1e-6, rtol=0)
+    off = unnormalized(aug, image, one({}, solarize=torch.tensor([False])))
+    torch.testing.assert_close(off, image.float() / 255, atol=1e-6, rtol=0)
+
+
+def test_asymmetric_views_draw_their_own_parameters() -> None:
+    """nnclr_cifar (solo-learn's asymmetric CIFAR recipe): both views share crop, flip, jitter
+    0.4/0.4/0.2/0.1 and grey; the first never solarizes, the second does with p 0.2; a third view
+    (past the list) takes the shared settings."""
+    aug = recipe("nnclr_cifar")
+    first, second = aug.for_view(0), aug.for_view(1)
+    assert aug.for_view(2) is aug and len(aug.views) == 2
+    g = torch.Generator().manual_seed(0)
+    p0, p1 = first.sample_params(N, 32, 32, g), second.sample_params(N, 32, 32, g)
+    assert "solarize" not in p0  # p 0: solarization never drawn, never applied
+    assert p1["solarize"].float().mean().item() == pytest.approx(0.2, abs=0.01)
+    for p in (p0, p1):
+        for factor, (low, high) in zip(
+            p["factors"].unbind(1), [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]
+        ):
+            assert_uniform(factor, low, high)
+        assert p["jitter"].float().mean().item() == pytest.approx(0.8, abs=0.01)
+        assert p["gray"].float().mean().item() == pytest.approx(0.2, abs=0.01)
+        assert p["flip"].float().mean().item() == pytest.approx(0.5, abs=0.01)
+        assert not p["blur"].any()
+    assert second.solarize_threshold == 0.5 and first.size == second.size == 32
+
+
+def test_the_training_step_draws_each_view_with_its_own_settings() -> None:
+    """TrainStep.views hands the i-th draw the i-th view's augmentation: with view 1 always solarizing
+    and view 0 never, view 1 equals view 0's pixels solarized when both get the same stream."""
+    from conftest import compose_cfg as compose
+
+    from ssl_lab.build import build_model, build_step
+
+    cfg = compose(["augment=nnclr_cifar", "augment.views=[{solarize_p: 0.0},{solarize_p: 1.0}]",
+                   "augment.jitter_p=0", "augment.gray_p=0", "trainer.channels_last=false"])  # fmt: skip
+    model = build_model(cfg, torch.device("cpu"))
+    step = build_step(cfg, model, instantiate(cfg.augment), steps_per_epoch=1)
+    images = torch.randint(0, 256, (cfg.batch_size, 3, 32, 32), dtype=torch.uint8)
+    views = step.views(images, torch.Generator().manual_seed(0))
+    assert len(views) == 2
+    # the same draws for view 0 again (no solarize draw in view 0; view 1 draws it last)
+    g = torch.Generator().manual_seed(0)
+    plain = step.augment.for_view(0)
+    again0 = plain.apply(images, plain.sample_params(cfg.batch_size, 32, 32, g))
+    torch.testing.assert_close(views[0], again0)
+    solar = step.augment.for_view(1)
+    params = solar.sample_params(cfg.batch_size, 32, 32, g)
+    assert params["solarize"].all()
+    torch.testing.assert_close(views[1], solar.apply(images, params))
+
+
+@pytest.mark.parametrize(
+    "views,message",
+    [
+        ("[{solarise_p: 0.2}]", "augment.views[0]: Augment has no setting 'solarise_p'"),
+        ("[{},{solarize_p: 2}]", "augment.views[1].solarize_p=2"),
+    ],
+)
+def test_a_bad_view_setting_is_one_line(views, message) -> None:
+    from ssl_lab.errors import user_message
+
+    with pytest.raises(Exception) as raised:  # Hydra wraps it; the runner prints the line inside
+        instantiate(compose_cfg([f"augment.views={views}"]).augment)
+    assert user_message(raised.value).startswith(message)
+
+
 def test_samples_get_their_own_parameters_and_seed_reproduces() -> None:
     aug = Augment(size=32)
     batch = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8).expand(64, -1, -1, -1)
@@ -186,13 +270,14 @@ def test_a_mixed_batch_equals_torchvision_sample_by_sample() -> None:
 
     torch.manual_seed(1)
     n = 48
-    aug = Augment(size=32, blur_p=0.5)
+    aug = Augment(size=32, blur_p=0.5, solarize_p=0.2)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     params = aug.sample_params(n, 32, 32, torch.Generator().manual_seed(3))
     params["order"] = torch.arange(n) % 24
     params["jitter"] = torch.arange(n) % 5 != 0
     params["gray"] = torch.arange(n) % 7 == 0
     params["blur"] = torch.arange(n) % 3 == 0
+    params["solarize"] = torch.arange(n) % 4 == 1
     out = unnormalized(aug, images, params)
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(n):
@@ -208,13 +293,15 @@ def test_a_mixed_batch_equals_torchvision_sample_by_sample() -> None:
         if params["blur"][i]:
             sigma = params["sigma"][i].item()
             ref = TF.gaussian_blur(ref, kernel_size=[aug.blur_kernel] * 2, sigma=[sigma, sigma])
+        if params["solarize"][i]:
+            ref = TF.solarize(ref, 0.5)
         torch.testing.assert_close(out[i : i + 1], ref, atol=5e-5, rtol=0, msg=f"sample {i}")
 
 
 @pytest.mark.slow
 def test_augmentation_compiles_without_a_graph_break() -> None:
     """sample_params + apply as one graph (fullgraph=True fails on any break: on a GPU, a host sync)."""
-    aug = Augment(size=32, blur_p=0.5)
+    aug = Augment(size=32, blur_p=0.5, solarize_p=0.2)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
 
     def view(images: torch.Tensor) -> torch.Tensor:  # dynamo cannot take a Generator argument (the

@@ -73,7 +73,9 @@ def test_every_pair_of_options_composes() -> None:
 def test_experiments_compose(experiment: str, debug: str | None) -> None:
     cfg = compose_cfg([f"experiment={experiment}"] + ([f"debug={debug}"] if debug else []))
     check_config(cfg)
-    assert cfg.data.name == "cifar10" and cfg.batch_size == (32 if debug else 512)
+    assert cfg.name == experiment  # run dirs and W&B runs say which recipe ran
+    if debug:  # debug=smoke, after the recipe, makes any of them a quick check
+        assert cfg.batch_size == 32 and cfg.epochs == 2
 
 
 @pytest.mark.parametrize("method", OPTIONS["method"])

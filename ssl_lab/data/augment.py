@@ -11,7 +11,12 @@ torchvision's functional ops (tests compare them):
   hue factors as torchvision's ColorJitter draws them, applied in a random order per sample (as
   torchvision does per image);
 - grayscale (ITU-R 601 luma, as torchvision); Gaussian blur with sigma uniform in `blur_sigma` and a kernel of
-  `blur_kernel_frac` of the image size (odd); then normalisation.
+  `blur_kernel_frac` of the image size (odd); solarization (values at or above `solarize_threshold`
+  inverted, torchvision's solarize); then normalisation.
+
+`views` makes the views asymmetric: the i-th view of a batch takes the settings of `views[i]` over
+these (BYOL's and solo-learn's NNCLR/BYOL recipes: blur p 1.0 / 0.1, solarize p 0 / 0.2), views past
+the list take these settings.
 
 Own code rather than kornia: benchmarks/augment.py measures both in one run.
 """
@@ -20,12 +25,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ssl_lab.config import PositiveFloat, PositiveInt, Probability
+from ssl_lab.config import PositiveFloat, PositiveInt, Probability, check_value, parameter_hints
+from ssl_lab.errors import UserError
 
 ORDERS = torch.tensor(list(itertools.permutations(range(4))))  # jitter op orders: 24 x 4
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -73,6 +80,12 @@ def blend(x: torch.Tensor, op: torch.Tensor, factor: torch.Tensor) -> torch.Tens
     op, f = op.view(-1, 1, 1, 1), factor.view(-1, 1, 1, 1)
     other = gray * (op == 2) + mean * (op == 1)  # exact: the other terms add 0
     return x.mul_(f).add_(other * (1 - f)).clamp_(0, 1)
+
+
+def solarize(x: torch.Tensor, threshold: float, active: torch.Tensor) -> torch.Tensor:
+    """Values at or above `threshold` inverted (1 - x) in the samples where `active`: torchvision's
+    solarize on [0, 1] floats."""
+    return torch.where(active.view(-1, 1, 1, 1) & (x >= threshold), 1.0 - x, x)
 
 
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: torch.Tensor) -> torch.Tensor:
@@ -137,19 +150,24 @@ class Augment(torch.nn.Module):
         blur_p: Probability = 0.0,
         blur_kernel_frac: PositiveFloat = 0.1,
         blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize_p: Probability = 0.0,
+        solarize_threshold: Probability = 0.5,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        views: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         super().__init__()
         self.settings = dict(
             size=size, crop_scale=crop_scale, crop_ratio=crop_ratio, flip_p=flip_p, jitter=jitter,
             jitter_p=jitter_p, gray_p=gray_p, blur_p=blur_p, blur_kernel_frac=blur_kernel_frac,
-            blur_sigma=blur_sigma, mean=mean, std=std,
+            blur_sigma=blur_sigma, solarize_p=solarize_p, solarize_threshold=solarize_threshold,
+            mean=mean, std=std,
         )  # fmt: skip
         self.size = size
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.flip_p, self.jitter, self.jitter_p, self.gray_p = flip_p, tuple(jitter), jitter_p, gray_p
         self.blur_p, self.blur_sigma = blur_p, tuple(blur_sigma)
+        self.solarize_p, self.solarize_threshold = solarize_p, solarize_threshold
         kernel = int(blur_kernel_frac * size)
         self.blur_kernel = max(3, kernel + 1 - kernel % 2)  # odd, as the SimCLR paper's 10 %
         self.mean, self.std = tuple(mean), tuple(std)
@@ -158,14 +176,28 @@ class Augment(torch.nn.Module):
         self.register_buffer("std_t", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("blend_ops", BLEND_OPS.clone(), persistent=False)
         self.register_buffer("hue_slot", HUE_SLOT.clone(), persistent=False)
+        # a module list, so that the views' buffers move with this module
+        self.views = torch.nn.ModuleList(
+            self.variant(f"augment.views[{i}]", **dict(changes)) for i, changes in enumerate(views)
+        )
 
-    def variant(self, **changes) -> Augment:
+    def variant(self, where: str = "the augmentation", **changes) -> Augment:
         """The same augmentation with some settings changed (e.g. a multi-crop method's small crops:
-        `variant(size=96, crop_scale=(0.05, 0.4))`)."""
-        unknown = set(changes) - set(self.settings)
-        if unknown:
-            raise TypeError(f"Augment has no setting {', '.join(sorted(unknown))}")
+        `variant(size=96, crop_scale=(0.05, 0.4))`), each checked against this class's signature;
+        `where` names them in the error."""
+        hints = parameter_hints(Augment)
+        for key, value in changes.items():
+            if key not in self.settings:
+                raise UserError(
+                    f"{where}: Augment has no setting {key!r}; choose from {', '.join(self.settings)}"
+                )
+            check_value(f"{where}.{key}", value, hints[key][0])
         return Augment(**{**self.settings, **changes})
+
+    def for_view(self, index: int) -> Augment:
+        """The augmentation of the `index`-th view of a batch (0-based): `views[index]`'s settings over
+        these, or these past the list."""
+        return self.views[index] if index < len(self.views) else self
 
     def sample_params(
         self, batch_size: int, height: int, width: int, generator: torch.Generator | None = None, device=None
@@ -190,6 +222,8 @@ class Augment(torch.nn.Module):
         params["gray"] = torch.rand(n, generator=g, device=device) < self.gray_p
         params["blur"] = torch.rand(n, generator=g, device=device) < self.blur_p
         params["sigma"] = _uniform(n, *self.blur_sigma, g, device)
+        if self.solarize_p > 0:  # drawn only then, so recipes without it keep their random stream
+            params["solarize"] = torch.rand(n, generator=g, device=device) < self.solarize_p
         return params
 
     def _sample_crops(self, n: int, height: int, width: int, g, device) -> torch.Tensor:
@@ -232,6 +266,8 @@ class Augment(torch.nn.Module):
         if self.blur_p > 0:  # a setting, not data
             blurred = gaussian_blur(x, self.blur_kernel, params["sigma"])
             x = torch.where(params["blur"].view(-1, 1, 1, 1), blurred, x)
+        if self.solarize_p > 0:
+            x = solarize(x, self.solarize_threshold, params["solarize"])
         return (x - self.mean_t) / self.std_t
 
     def color_jitter(
