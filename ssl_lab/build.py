@@ -97,27 +97,50 @@ class TrainStep:
         self.batch_size, self.total_steps, self.rank, self.world = batch_size, total_steps, rank, world
         self.variants: dict[str, Augment] = {}
 
-    def views(self, images: torch.Tensor, rng: torch.Generator) -> list[torch.Tensor]:
-        """The method's views of this process's images. Parameters are drawn for the whole global batch
-        and sliced, so every sample gets the same views whatever the number of processes."""
+    def view_augment(self, index: int, changes: dict) -> Augment:
+        """The augmentation of the method's `index`-th view, drawn with `changes` (Method.views)."""
+        augment = self.augment.for_view(index)  # asymmetric recipes set views apart (augment.views)
+        if not changes:
+            return augment
+        key = repr((min(index, len(self.augment.views)), sorted(changes.items())))  # hashable
+        if key not in self.variants:
+            self.variants[key] = augment.variant(**changes).to(self.augment.mean_t.device)
+        return self.variants[key]
 
-        drawn = itertools.count()  # the view's index: asymmetric recipes set views apart (augment.views)
+    def crop_plan(self) -> list[tuple[tuple[float, float], tuple[float, float], int]]:
+        """Each view's (crop_scale, crop_ratio, size): what decoding workers need to crop the views of
+        large images from the full decoded image (data sets not held in memory)."""
+        drawn = itertools.count()
+        plan = []
+
+        def record(**changes) -> None:
+            augment = self.view_augment(next(drawn), changes)
+            plan.append((augment.crop_scale, augment.crop_ratio, augment.size))
+
+        self.model.views(record)
+        return plan
+
+    def views(
+        self, images: torch.Tensor | tuple[torch.Tensor, ...], rng: torch.Generator
+    ) -> list[torch.Tensor]:
+        """The method's views of this process's images: a uint8 batch, or the views' crops of it that
+        decoding workers made (a tuple, one batch per view, in `crop_plan` order). Parameters are drawn
+        for the whole global batch and sliced, so every sample gets the same views whatever the number
+        of processes."""
+        drawn = itertools.count()
+        cropped = isinstance(images, tuple | list)
 
         def draw(**changes) -> torch.Tensor:
             index = next(drawn)
-            augment = self.augment.for_view(index)
-            if changes:
-                key = repr((min(index, len(self.augment.views)), sorted(changes.items())))  # hashable
-                if key not in self.variants:
-                    self.variants[key] = augment.variant(**changes).to(images.device)
-                augment = self.variants[key]
+            augment = self.view_augment(index, changes)
+            source = images[index] if cropped else images
             params = augment.sample_params(
-                self.batch_size, *images.shape[-2:], generator=rng, device=images.device
+                self.batch_size, *source.shape[-2:], generator=rng, device=source.device
             )
             if self.world > 1:
                 local = self.batch_size // self.world
                 params = {k: v[self.rank * local : (self.rank + 1) * local] for k, v in params.items()}
-            view = augment.apply(images, params)
+            view = augment.apply(source, params, cropped=cropped)
             return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
 
         return self.model.views(draw)
@@ -138,8 +161,10 @@ class TrainStep:
         self.model.after_step(step, self.total_steps)
         return loss.detach()
 
-    def __call__(self, images: torch.Tensor, rng: torch.Generator, step: int) -> torch.Tensor:
-        """Step `step` (0-based) on a uint8 batch already on the device."""
+    def __call__(
+        self, images: torch.Tensor | tuple[torch.Tensor, ...], rng: torch.Generator, step: int
+    ) -> torch.Tensor:
+        """Step `step` (0-based) on a uint8 batch (or its views' crops) already on the device."""
         self.scheduler.step_update(step)
         return self.update(self.views(images, rng), step)
 

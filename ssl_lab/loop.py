@@ -21,7 +21,7 @@ from ssl_lab import checkpoint, distributed
 from ssl_lab.build import TrainStep
 from ssl_lab.checkpoint import TrainState
 from ssl_lab.data.datasets import DataSplits
-from ssl_lab.data.loader import batches, epoch_order
+from ssl_lab.data.loader import batches, crop_seed, epoch_order
 from ssl_lab.errors import Interrupted, TrainingDiverged
 from ssl_lab.eval.knn import knn_accuracy, pixel_knn_accuracy
 from ssl_lab.loggers import RunLogger
@@ -199,10 +199,13 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
             print(f"resumed on {device.type} from a {state.aug_rng_device} run: the rest of epoch "
                   f"{state.epoch} draws a new augmentation stream", flush=True)  # fmt: skip
     order = epoch_order(len(run.data.train), cfg.seed, state.epoch)[state.batch_in_epoch * batch_size :]
+    # Images decoded from files are cropped by the workers, from the full image (large images: ImageNet,
+    # any folder); in-memory sets are cropped by the augmentation on the device.
+    crops = run.step.crop_plan() if run.data.train.images is None else None
     loader = batches(
         run.data.train, order, batch_size, drop_last=True, num_workers=cfg.trainer.num_workers,
         pin_memory=device.type == "cuda", rank=distributed.rank(), world_size=distributed.world_size(),
-        device=device, persistent=True,
+        device=device, persistent=True, crops=crops, seed=crop_seed(cfg.seed, state.epoch),
     )  # fmt: skip
     bar = tqdm(
         total=steps_per_epoch, initial=state.batch_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
@@ -214,7 +217,11 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
     window_loss = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     for images, _ in loader:
-        loss = run.step(images.to(device, non_blocking=True), aug_rng, state.step)
+        if isinstance(images, tuple):  # the views' crops
+            images = tuple(view.to(device, non_blocking=True) for view in images)
+        else:
+            images = images.to(device, non_blocking=True)
+        loss = run.step(images, aug_rng, state.step)
         state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
         nonfinite |= ~torch.isfinite(loss)
         window_loss += loss

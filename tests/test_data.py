@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -152,3 +153,77 @@ def test_a_validation_split_that_leaves_too_few_images_is_refused() -> None:
         ImageSet(images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8)), None, None, 0, [0], [1]
     )
     assert hold_out(unlabelled, None, "imagefolder") is unlabelled  # no labels: no split, no monitor
+
+
+def make_wide_folder(root: Path, n: int = 6) -> None:
+    """96x32 images: a red, a green and a blue third. Shrinking the short side to 32 and centre-cropping
+    (the old decoding) leaves only green; crops drawn on the full image reach the red and blue thirds."""
+    array = np.zeros((32, 96, 3), dtype=np.uint8)
+    array[:, :32, 0] = array[:, 32:64, 1] = array[:, 64:, 2] = 255
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(array).save(root / split / c / f"{i}.png")
+
+
+CROPS = (((0.02, 0.05), (3 / 4, 4 / 3), 16), ((0.5, 1.0), (3 / 4, 4 / 3), 24))
+
+
+def test_large_images_are_cropped_from_the_full_image_before_resizing(tmp_path: Path) -> None:
+    import torchvision.transforms.functional as TF
+
+    from ssl_lab.data.augment import sample_crops
+    from ssl_lab.data.loader import crop_seed
+
+    make_wide_folder(tmp_path)
+    data = imagefolder(str(tmp_path), image_size=32, num_workers=0)
+    assert data.train.images is None  # auto: larger than image_size, so decoded (and cropped) per step
+    order = epoch_order(12, 0, 5)
+    seed = crop_seed(0, 5)
+    (views, labels), *_ = batches(data.train, order, 12, drop_last=True, crops=CROPS, seed=seed)
+    small, large = views
+    assert small.shape == (12, 3, 16, 16) and large.shape == (12, 3, 24, 24) and small.dtype == torch.uint8
+    full = Image.open(data.train.files[0]).convert("RGB")
+    for j, i in enumerate(order.tolist()):  # each view: torchvision's resized_crop of the full image
+        g = torch.Generator().manual_seed(seed + i)
+        for view, (scale, ratio, size) in zip((small, large), CROPS):
+            top, left, h, w = sample_crops(1, 32, 96, scale, ratio, g)[0].long().tolist()
+            ref = TF.pil_to_tensor(TF.resized_crop(full, top, left, h, w, [size, size]))
+            assert torch.equal(view[j], ref)
+    dominant = small.float().mean(dim=(2, 3)).argmax(dim=1)  # the colour each small crop shows
+    assert set(dominant.tolist()) == {0, 1, 2}  # red and blue thirds too, not only the centre
+
+
+def test_worker_crops_do_not_depend_on_processes_workers_or_a_resume(tmp_path: Path) -> None:
+    make_wide_folder(tmp_path)
+    data = imagefolder(str(tmp_path), image_size=32, num_workers=0)
+    order, seed = epoch_order(12, 1, 2), 77
+
+    def views(**kw) -> list[torch.Tensor]:
+        return [
+            b[0][0]
+            for b in batches(data.train, order[kw.pop("skip", 0) :], 4, True, crops=CROPS, seed=seed, **kw)
+        ]
+
+    whole = views()
+    halves = [views(rank=r, world_size=2) for r in (0, 1)]
+    for b, batch in enumerate(whole):  # rank 0 and rank 1 take the halves of each global batch
+        assert torch.equal(batch, torch.cat([halves[0][b], halves[1][b]]))
+    assert all(torch.equal(a, b) for a, b in zip(views(num_workers=2), whole))
+    assert all(torch.equal(a, b) for a, b in zip(views(skip=4), whole[1:]))  # resumed after a batch
+
+
+def test_evaluation_resizes_then_centre_crops_at_0_875(tmp_path: Path) -> None:
+    import torchvision.transforms as T
+
+    from ssl_lab.data.datasets import decode_image
+
+    torch.manual_seed(0)
+    path = tmp_path / "x.png"
+    Image.fromarray(torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8).numpy()).save(path)
+    reference = T.Compose([T.Resize(round(16 / 0.875)), T.CenterCrop(16), T.PILToTensor()])
+    assert torch.equal(decode_image(path, 16), reference(Image.open(path).convert("RGB")))
+    same_size = tmp_path / "y.png"
+    Image.fromarray(torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy()).save(same_size)
+    assert torch.equal(decode_image(same_size, 16), T.PILToTensor()(Image.open(same_size)))  # as it is

@@ -215,3 +215,27 @@ def test_a_run_stopped_on_another_kind_of_device_resumes_here(tmp_path: Path, ca
     assert train(compose_cfg([*FAST, "epochs=1", "resume=true"]), run_dir=tmp_path) is not None
     assert "resumed on cpu from a cuda run" in capsys.readouterr().out
     assert checkpoint.load(tmp_path / "final.pt")["step"] == 8
+
+
+def test_large_labelled_images_train_with_crops_from_the_decoding_workers(tmp_path: Path) -> None:
+    """A folder of images larger than data.image_size: the workers crop each view from the full image
+    (persistent workers), the asymmetric recipe draws each view's own settings, the monitor evaluates
+    on the 0.875 centre crops."""
+    from PIL import Image
+
+    for split, n in (("train", 40), ("test", 10)):
+        for c in range(2):
+            (tmp_path / "data" / split / str(c)).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (56, 44), (200 * c, 5 * i, 90)).save(
+                    tmp_path / "data" / split / str(c) / f"{i}.png"
+                )
+    overrides = [
+        *FAST, "epochs=2", "data=imagefolder", f"data.root={tmp_path / 'data'}", "data.image_size=32",
+        "batch_size=16", "method=nnclr", "method.queue_size=64", "augment=nnclr_cifar",
+        "trainer.num_workers=2", "trainer.log_every=1",
+    ]  # fmt: skip
+    top1 = train(compose_cfg(overrides), run_dir=tmp_path / "run")
+    assert top1 is not None and 0 <= top1 <= 100
+    full = losses(tmp_path / "run")
+    assert len(full) == 2 * (80 // 16) and all(math.isfinite(v) for _, v in full)

@@ -123,6 +123,44 @@ def resized_crop(
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def sample_crops(
+    n: int,
+    height: int,
+    width: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    g: torch.Generator | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """[n, 4] boxes (top, left, height, width) on a height x width image, as torchvision's
+    RandomResizedCrop.get_params draws them (the decoding workers draw theirs on the full image)."""
+    area = height * width
+    target = area * _uniform(n * CROP_TRIES, *scale, g, device).view(n, CROP_TRIES)
+    log_ratio = _uniform(n * CROP_TRIES, math.log(ratio[0]), math.log(ratio[1]), g, device)
+    aspect = log_ratio.view(n, CROP_TRIES).exp()
+    w = torch.sqrt(target * aspect).round()
+    h = torch.sqrt(target / aspect).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.float().argmax(dim=1)  # the first valid try
+    w = w.gather(1, first[:, None])[:, 0]
+    h = h.gather(1, first[:, None])[:, 0]
+    found = ok.any(dim=1)
+    # fallback: the whole image, cropped to the nearest allowed aspect ratio, centred
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    u = torch.rand(n, 2, generator=g, device=device)
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), torch.full_like(h, (height - fh) // 2))
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), torch.full_like(w, (width - fw) // 2))
+    return torch.stack([top, left, h, w], dim=1)
+
+
 def normalize(
     images: torch.Tensor, mean: Sequence[float], std: Sequence[float], size: int | None = None
 ) -> torch.Tensor:
@@ -205,7 +243,7 @@ class Augment(torch.nn.Module):
         """Per-sample parameters: every tensor has the batch as its first dimension."""
         n, g = batch_size, generator
         device = device if device is not None else (generator.device if generator is not None else "cpu")
-        params = {"crop": self._sample_crops(n, height, width, g, device)}
+        params = {"crop": sample_crops(n, height, width, self.crop_scale, self.crop_ratio, g, device)}
         params["flip"] = torch.rand(n, generator=g, device=device) < self.flip_p
         b, c, s, h = self.jitter
         params["jitter"] = torch.rand(n, generator=g, device=device) < self.jitter_p
@@ -226,41 +264,19 @@ class Augment(torch.nn.Module):
             params["solarize"] = torch.rand(n, generator=g, device=device) < self.solarize_p
         return params
 
-    def _sample_crops(self, n: int, height: int, width: int, g, device) -> torch.Tensor:
-        """[n, 4] boxes (top, left, height, width), torchvision's RandomResizedCrop.get_params."""
-        area = height * width
-        target = area * _uniform(n * CROP_TRIES, *self.crop_scale, g, device).view(n, CROP_TRIES)
-        log_ratio = _uniform(
-            n * CROP_TRIES, math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]), g, device
-        )
-        aspect = log_ratio.view(n, CROP_TRIES).exp()
-        w = torch.sqrt(target * aspect).round()
-        h = torch.sqrt(target / aspect).round()
-        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = ok.float().argmax(dim=1)  # the first valid try
-        w = w.gather(1, first[:, None])[:, 0]
-        h = h.gather(1, first[:, None])[:, 0]
-        found = ok.any(dim=1)
-        # fallback: the whole image, cropped to the nearest allowed aspect ratio, centred
-        in_ratio = width / height
-        if in_ratio < self.crop_ratio[0]:
-            fw, fh = width, round(width / self.crop_ratio[0])
-        elif in_ratio > self.crop_ratio[1]:
-            fw, fh = round(height * self.crop_ratio[1]), height
-        else:
-            fw, fh = width, height
-        w = torch.where(found, w, torch.full_like(w, fw))
-        h = torch.where(found, h, torch.full_like(h, fh))
-        u = torch.rand(n, 2, generator=g, device=device)
-        top = torch.where(found, (u[:, 0] * (height - h + 1)).floor(), torch.full_like(h, (height - fh) // 2))
-        left = torch.where(found, (u[:, 1] * (width - w + 1)).floor(), torch.full_like(w, (width - fw) // 2))
-        return torch.stack([top, left, h, w], dim=1)
-
-    def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def apply(
+        self, images: torch.Tensor, params: dict[str, torch.Tensor], cropped: bool = False
+    ) -> torch.Tensor:
         """Branch-free: every op runs on the whole batch and `torch.where` keeps it for the samples
         whose parameters ask for it, so nothing depends on the data's values (no host sync on a GPU,
-        no data-dependent shapes: the whole function compiles as one graph)."""
-        x = resized_crop(images.float().div_(255), params["crop"], self.size, params["flip"])
+        no data-dependent shapes: the whole function compiles as one graph). `cropped`: the images
+        are this view's crops already (decoding workers crop large images, `crop_views`), so only
+        the flip is left of the geometric part."""
+        if cropped:
+            x = images.float().div_(255)
+            x = torch.where(params["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
+        else:
+            x = resized_crop(images.float().div_(255), params["crop"], self.size, params["flip"])
         x = self.color_jitter(x, params["jitter"], params["factors"], params["order"])
         x = torch.where(params["gray"].view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
         if self.blur_p > 0:  # a setting, not data

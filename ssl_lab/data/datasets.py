@@ -118,42 +118,86 @@ def _limited(images: ImageSet, limit: int | None, seed: int) -> ImageSet:
 # ----------------------------------------------------------------------------- decoding image files
 
 
-def decode_image(path: Path, size: int) -> torch.Tensor:
-    """uint8 [3,size,size]: the image with its short side resized to `size`, centre-cropped."""
+EVAL_CROP = 0.875  # the standard evaluation crop: resize the short side to size / 0.875, centre-crop size
+
+# A view's geometry, drawn by the decoding workers on the full image: (crop_scale, crop_ratio, size).
+ViewCrop = tuple[tuple[float, float], tuple[float, float], int]
+
+
+def open_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            if (w, h) != (size, size):
-                scale = size / min(w, h)
-                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-                left, top = (im.width - size) // 2, (im.height - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            array = np.asarray(im, dtype=np.uint8)
+            return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e}; remove or replace the file") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def decode_image(path: Path, size: int) -> torch.Tensor:
+    """uint8 [3,size,size], the evaluation transform: an image of that size as it is; any other has its
+    short side resized to size / EVAL_CROP and is centre-cropped to size (torchvision's Resize +
+    CenterCrop on the PIL image: Resize(256) + CenterCrop(224) for ImageNet)."""
+    import torchvision.transforms.functional as TF
+
+    im = open_rgb(path)
+    if im.size != (size, size):
+        im = TF.center_crop(TF.resize(im, round(size / EVAL_CROP), TF.InterpolationMode.BILINEAR), size)
+    return to_tensor(im)
+
+
+def crop_views(im: Image.Image, crops: Sequence[ViewCrop], g: torch.Generator) -> list[torch.Tensor]:
+    """The training views' random resized crops of the full decoded image: each box drawn as
+    torchvision's RandomResizedCrop draws it (`sample_crops`) from `g`, then cropped and resized as its
+    resized_crop does a PIL image (bilinear, antialiased)."""
+    import torchvision.transforms.functional as TF
+
+    from ssl_lab.data.augment import sample_crops
+
+    views = []
+    for scale, ratio, size in crops:
+        top, left, h, w = sample_crops(1, im.height, im.width, scale, ratio, g)[0].long().tolist()
+        views.append(
+            to_tensor(TF.resized_crop(im, top, left, h, w, [size, size], TF.InterpolationMode.BILINEAR))
+        )
+    return views
 
 
 class FileDataset(torch.utils.data.Dataset):
     """Decodes files in DataLoader workers; errors travel back as text so the main process can
-    report them in one line (an exception raised in a worker arrives wrapped in its traceback)."""
+    report them in one line (an exception raised in a worker arrives wrapped in its traceback).
 
-    def __init__(self, files: list[Path], size: int) -> None:
-        self.files, self.size = files, size
+    Indexed by `i`: the evaluation transform (`decode_image`). With `crops`, indexed by `(i, seed)`:
+    the training views of image i, cropped from the full image by a generator seeded with `seed`."""
+
+    def __init__(self, files: list[Path], size: int, crops: Sequence[ViewCrop] | None = None) -> None:
+        self.files, self.size, self.crops = files, size, crops
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], str]:
+        if isinstance(key, tuple):
+            i, seed = key
+            try:
+                views = crop_views(open_rgb(self.files[i]), self.crops, torch.Generator().manual_seed(seed))
+                return tuple(views), ""
+            except UserError as e:
+                return tuple(torch.zeros(3, s, s, dtype=torch.uint8) for *_, s in self.crops), str(e)
         try:
-            return decode_image(self.files[i], self.size), ""
+            return decode_image(self.files[key], self.size), ""
         except UserError as e:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), str(e)
 
 
-def collate_decoded(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
-    return torch.stack([b[0] for b in batch]), [b[1] for b in batch if b[1]]
+def collate_decoded(batch: list[tuple]) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], list[str]]:
+    """Images [B,3,H,W], or for training views a tuple of one such batch per view; and the errors."""
+    errors = [b[1] for b in batch if b[1]]
+    if isinstance(batch[0][0], tuple):
+        return tuple(torch.stack(view) for view in zip(*(b[0] for b in batch))), errors
+    return torch.stack([b[0] for b in batch]), errors
 
 
 def decode_all(files: list[Path], size: int, num_workers: int) -> torch.Tensor:
@@ -191,6 +235,19 @@ def find_images(folder: Path, labelled: bool) -> tuple[list[Path], torch.Tensor 
     files = [p for p in files if len(p.relative_to(folder).parts) > 1]
     labels = torch.tensor([index[p.relative_to(folder).parts[0]] for p in files])
     return files, labels, classes
+
+
+def all_of_size(files: list[Path], size: int, sample: int = 32) -> bool:
+    """Whether the images are size x size already (a seeded sample of them; PIL reads only headers)."""
+    idx = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[:sample]
+    for i in idx.tolist():
+        try:
+            with Image.open(files[i]) as im:
+                if im.size != (size, size):
+                    return False
+        except (OSError, ValueError):
+            return False  # decoding per step reports it in one line
+    return True
 
 
 def folder_split(
@@ -344,9 +401,9 @@ def imagefolder(
     train_dir = base / "train" if (base / "train").is_dir() else base
     labelled = labelled and test_dir is not None
     files, _, _ = find_images(train_dir, False)
-    if in_memory == "auto":
-        n = min(len(files), limit_train or len(files))
-        in_memory = n * 3 * image_size**2 <= max_memory_gb * 2**30
+    if in_memory == "auto":  # held only when that loses nothing: larger images are cropped from the full
+        n = min(len(files), limit_train or len(files))  # image by the decoding workers every step
+        in_memory = n * 3 * image_size**2 <= max_memory_gb * 2**30 and all_of_size(files, image_size)
     train, classes = folder_split(train_dir, image_size, labelled, limit_train, 0, in_memory, num_workers)
     if not labelled:
         return DataSplits(train, None, None, 0, mean, std)

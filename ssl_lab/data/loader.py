@@ -3,11 +3,11 @@ sees exactly the batches the uninterrupted run would have seen."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from ssl_lab.data.datasets import FileDataset, ImageSet, collate_decoded
+from ssl_lab.data.datasets import FileDataset, ImageSet, ViewCrop, collate_decoded
 from ssl_lab.errors import UserError
 
 DEVICE_BUDGET = 2 * 2**30  # bytes of uint8 images held on an accelerator (larger sets: pinned host copies)
@@ -15,6 +15,13 @@ DEVICE_BUDGET = 2 * 2**30  # bytes of uint8 images held on an accelerator (large
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def crop_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's crops drawn by the decoding workers; image i's generator is seeded with
+    crop_seed + i, so its crops depend on (seed, epoch, image) only: not on the number of processes,
+    the workers, or where a resumed run restarted."""
+    return ((seed * 1_000_003 + epoch) * 4_294_967_311) % 2**62
 
 
 def batches(
@@ -28,12 +35,16 @@ def batches(
     world_size: int = 1,
     device: torch.device | None = None,
     persistent: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    crops: Sequence[ViewCrop] | None = None,
+    seed: int = 0,
+) -> Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | None]]:
     """(uint8 images, labels or None) for consecutive chunks of `indices` of `batch_size` (global):
     each process takes its contiguous slice of every global batch. With an accelerator `device`, an
     in-memory set of up to DEVICE_BUDGET bytes is held there and batches are gathered on it: no copy
     from the host per step. For a file-decoded set, `persistent` keeps its decoding workers from one
-    call (epoch) to the next instead of starting new ones each time."""
+    call (epoch) to the next instead of starting new ones each time, and `crops` makes its workers
+    decode training views: a tuple of one uint8 batch per view, each cropped from the full image with
+    the generator seeded `seed + index` (`crop_seed`)."""
     on_device = (
         device is not None and device.type != "cpu" and data.images is not None
         and data.images.numel() <= DEVICE_BUDGET
@@ -56,12 +67,14 @@ def batches(
             images = data.images[idx]
             yield (images.pin_memory() if pin_memory else images), _labels(data, idx)
         return
+    crops = tuple(crops) if crops else None
+    seeds = seed if crops else None
     if persistent and num_workers > 0:
-        loader = persistent_loader(data, num_workers, pin_memory)
-        loader.batch_sampler.chunks = chunks  # what the workers decode this epoch
+        loader = persistent_loader(data, num_workers, pin_memory, crops)
+        loader.batch_sampler.chunks, loader.batch_sampler.seed = chunks, seeds  # this epoch's
     else:
         loader = torch.utils.data.DataLoader(
-            FileDataset(data.files, data.image_size), batch_sampler=EpochBatches(chunks),
+            FileDataset(data.files, data.image_size, crops), batch_sampler=EpochBatches(chunks, seeds),
             num_workers=num_workers, collate_fn=collate_decoded, pin_memory=pin_memory,
         )  # fmt: skip
     for idx, (images, errors) in zip(chunks, loader):
@@ -72,24 +85,28 @@ def batches(
 
 class EpochBatches:
     """A batch sampler whose batches are set per epoch: a persistent DataLoader reads it afresh each
-    time it is iterated."""
+    time it is iterated. With a `seed`, each index comes with its crop generator's seed."""
 
-    def __init__(self, chunks: list[torch.Tensor]) -> None:
-        self.chunks = chunks
+    def __init__(self, chunks: list[torch.Tensor], seed: int | None = None) -> None:
+        self.chunks, self.seed = chunks, seed
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return (c.tolist() for c in self.chunks)
+    def __iter__(self) -> Iterator[list[int] | list[tuple[int, int]]]:
+        if self.seed is None:
+            return (c.tolist() for c in self.chunks)
+        return ([(i, self.seed + i) for i in c.tolist()] for c in self.chunks)
 
     def __len__(self) -> int:
         return len(self.chunks)
 
 
-def persistent_loader(data: ImageSet, num_workers: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+def persistent_loader(
+    data: ImageSet, num_workers: int, pin_memory: bool, crops: tuple[ViewCrop, ...] | None = None
+) -> torch.utils.data.DataLoader:
     """One DataLoader per image set (and settings) whose workers live from epoch to epoch."""
-    key = ("_loader", num_workers, pin_memory)
+    key = ("_loader", num_workers, pin_memory, crops)
     if key not in data.__dict__:
         data.__dict__[key] = torch.utils.data.DataLoader(
-            FileDataset(data.files, data.image_size), batch_sampler=EpochBatches([]), num_workers=num_workers,
+            FileDataset(data.files, data.image_size, crops), batch_sampler=EpochBatches([]), num_workers=num_workers,
             collate_fn=collate_decoded, pin_memory=pin_memory, persistent_workers=True,
         )  # fmt: skip
     return data.__dict__[key]

@@ -1,0 +1,136 @@
+"""The recipes in experiments/: each names its one reference, and the two that reproduce lightly's
+examples compose to lightly's own settings (read off lightly's objects, not retyped)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import compose_cfg
+from hydra.utils import instantiate
+
+from ssl_lab.build import build_model, build_step
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+RECIPES = sorted(p.stem for p in EXPERIMENTS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_names_its_reference_what_it_should_give_and_where_it_differs(name: str) -> None:
+    comment = " ".join(
+        line.lstrip("# ")
+        for line in (EXPERIMENTS / f"{name}.yaml").read_text().splitlines()
+        if line.startswith("#")
+    )
+    assert "follow" in comment or "setting for setting" in comment, name  # the one reference
+    assert "differ" in comment, name  # where and why it differs
+    assert f"experiment={name}" in comment, name  # the command that runs it
+    if not name.startswith("lightly_"):
+        assert "Expected" in comment and "%" in comment, name  # the published figure
+
+
+def lightly_view_transform(**kwargs):
+    from lightly.transforms import SimCLRTransform
+
+    return SimCLRTransform(**kwargs).transforms[0].transform.transforms
+
+
+def settings_of(transforms) -> dict:
+    """The settings of lightly's SimCLR view transform, by the transform that holds them."""
+    from lightly.transforms.gaussian_blur import GaussianBlur
+
+    out = {}
+    for t in transforms:
+        kind = type(t).__name__
+        if kind == "RandomResizedCrop":
+            out["size"], out["crop_scale"], out["crop_ratio"] = list(t.size), tuple(t.scale), tuple(t.ratio)
+        elif kind == "RandomHorizontalFlip":
+            out["flip_p"] = t.p
+        elif kind == "RandomApply":
+            (jitter,) = t.transforms
+            out["jitter_p"] = t.p
+            out["jitter"] = tuple(
+                float(getattr(jitter, k)[1] - (1 if k != "hue" else 0))
+                for k in ("brightness", "contrast", "saturation", "hue")
+            )
+        elif kind == "RandomGrayscale":
+            out["gray_p"] = t.p
+        elif isinstance(t, GaussianBlur):
+            out["blur_p"], out["blur_sigma"] = t.prob, tuple(t.sigmas)
+        elif kind == "Normalize":
+            out["mean"], out["std"] = tuple(t.mean), tuple(t.std)
+    return out
+
+
+def ours(augment) -> dict:
+    return {
+        "size": [augment.size, augment.size], "crop_scale": augment.crop_scale, "crop_ratio": augment.crop_ratio,
+        "flip_p": augment.flip_p, "jitter_p": augment.jitter_p, "jitter": augment.jitter,
+        "gray_p": augment.gray_p, "blur_p": augment.blur_p, "blur_sigma": augment.blur_sigma,
+        "mean": augment.mean, "std": augment.std,
+    }  # fmt: skip
+
+
+def layers(module: nn.Module) -> list[tuple]:
+    """What a head is made of: each layer's type and parameter shapes (bias or not included)."""
+    return [
+        (type(m).__name__, tuple(tuple(p.shape) for p in m.parameters(recurse=False)))
+        for m in module.modules()
+        if not list(m.children())
+    ]
+
+
+def assert_settings_match(mine: dict, theirs: dict) -> None:
+    assert mine.keys() >= theirs.keys()
+    for key, value in theirs.items():
+        assert mine[key] == pytest.approx(value, abs=1e-6), key
+
+
+def composed(name: str):
+    cfg = compose_cfg([f"experiment={name}", "data=synthetic", "data.mean=[0.485,0.456,0.406]",
+                       "data.std=[0.229,0.224,0.225]"])  # fmt: skip
+    return cfg, build_model(cfg, torch.device("cpu")), instantiate(cfg.augment)
+
+
+def test_lightly_simclr_is_lightlys_simclr_example() -> None:
+    import torchvision
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
+    cfg, model, augment = composed("lightly_simclr")
+    # examples/pytorch/simclr.py: SimCLRTransform(input_size=32, gaussian_blur=0.0)
+    theirs = settings_of(lightly_view_transform(input_size=32, gaussian_blur=0.0))
+    assert_settings_match(ours(augment), {**theirs, "blur_p": 0.0})
+    assert augment.views == nn.ModuleList() or len(augment.views) == 0  # both views alike
+    resnet = torchvision.models.resnet18()
+    backbone = nn.Sequential(*list(resnet.children())[:-1])
+    assert [p.shape for p in model.backbone.parameters()] == [p.shape for p in backbone.parameters()]
+    assert layers(model.projector) == layers(SimCLRProjectionHead(512, 512, 128))
+    assert model.temperature == NTXentLoss().temperature and not model.concat_views  # one pass per view
+    step = build_step(cfg, model, augment, steps_per_epoch=10)
+    group_settings = {(g["lr"], g["momentum"], g["weight_decay"]) for g in step.optimizer.param_groups}
+    default_sgd = torch.optim.SGD(backbone.parameters(), lr=0.06).param_groups[0]
+    assert group_settings == {(0.06, default_sgd["momentum"], default_sgd["weight_decay"])}
+    assert cfg.batch_size == 256 and cfg.epochs == 10 and cfg.data.name == "synthetic"
+    step.scheduler.step_update(99)  # no schedule: the rate is 0.06 to the end
+    assert step.lr == pytest.approx(0.06)
+
+
+def test_lightly_nnclr_is_lightlys_nnclr_example() -> None:
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import NNCLRPredictionHead, NNCLRProjectionHead, NNMemoryBankModule
+
+    cfg, model, augment = composed("lightly_nnclr")
+    # examples/pytorch/nnclr.py: SimCLRTransform(input_size=32), blur included
+    assert_settings_match(ours(augment), settings_of(lightly_view_transform(input_size=32)))
+    assert augment.blur_kernel >= 6 * 2.0  # +-3 sigma at the largest sigma: PIL's blur is not truncated
+    assert layers(model.projector) == layers(NNCLRProjectionHead(512, 512, 128))
+    assert layers(model.predictor) == layers(NNCLRPredictionHead(128, 512, 128))
+    bank = NNMemoryBankModule(size=(4096, 128))
+    assert tuple(model.support.queue.shape) == bank.size  # (entries, dim)
+    assert model.temperature == NTXentLoss().temperature and not model.concat_views
+    assert cfg.method.loss == "lightly"  # NTXentLoss on (neighbour, prediction): the 2N-way variant
+    step = build_step(cfg, model, augment, steps_per_epoch=10)
+    assert {(g["lr"], g["momentum"], g["weight_decay"]) for g in step.optimizer.param_groups} == {
+        (0.06, 0, 0)
+    }
