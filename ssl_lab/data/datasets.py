@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from ssl_lab.config import NonNegativeFloat, NonNegativeInt, PositiveInt
+from ssl_lab.data.augment import sample_crops
 from ssl_lab.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -140,8 +142,6 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
     """uint8 [3,size,size], the evaluation transform: an image of that size as it is; any other has its
     short side resized to size / EVAL_CROP and is centre-cropped to size (torchvision's Resize +
     CenterCrop on the PIL image: Resize(256) + CenterCrop(224) for ImageNet)."""
-    import torchvision.transforms.functional as TF
-
     im = open_rgb(path)
     if im.size != (size, size):
         im = TF.center_crop(TF.resize(im, round(size / EVAL_CROP), TF.InterpolationMode.BILINEAR), size)
@@ -152,10 +152,6 @@ def crop_views(im: Image.Image, crops: Sequence[ViewCrop], g: torch.Generator) -
     """The training views' random resized crops of the full decoded image: each box drawn as
     torchvision's RandomResizedCrop draws it (`sample_crops`) from `g`, then cropped and resized as its
     resized_crop does a PIL image (bilinear, antialiased)."""
-    import torchvision.transforms.functional as TF
-
-    from ssl_lab.data.augment import sample_crops
-
     views = []
     for scale, ratio, size in crops:
         top, left, h, w = sample_crops(1, im.height, im.width, scale, ratio, g)[0].long().tolist()
