@@ -5,6 +5,7 @@
     python -m ssl_lab.bench backbone=resnet_tiny batch_size=128
     python -m ssl_lab.bench --steps 5 --variants            # also channels_last / bf16 / torch.compile
     python -m ssl_lab.bench trainer.device=cuda --syncs     # on a GPU (timings synchronise CUDA); host syncs
+    python -m ssl_lab.bench --variants-only                 # only the model settings side by side
     bash benchmarks/gpu.sh                                  # the whole GPU check, as a markdown table
 
 Everything is built by the runner's own builder (ssl_lab/build.py) from the composed train config, so
@@ -144,14 +145,26 @@ def forever(epoch: Callable[[int], Iterator]) -> Iterator:
     return itertools.chain.from_iterable(map(epoch, itertools.count()))
 
 
+def load_data(cfg: DictConfig) -> DataSplits:
+    """cfg.data, loaded once per run of the bench (CIFAR-10's JPEGs take a while to decode)."""
+    key = repr(cfg.data)
+    if key not in _DATA:
+        data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
+        if data.train.images is None:
+            raise UserError(f"data={cfg.data.name} is decoded from files; the bench needs one held in memory")
+        _DATA[key] = data
+    return _DATA[key]
+
+
+_DATA: dict[str, DataSplits] = {}
+
+
 def training_inputs(
     cfg: DictConfig, device: torch.device
 ) -> tuple[DataSplits, TrainStep, torch.Generator, Iterator]:
     """The data, the runner's step, its augmentation stream and an endless stream of batches as the
     runner's loop draws them."""
-    data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
-    if data.train.images is None:
-        raise UserError(f"data={cfg.data.name} is decoded from files; the bench needs one held in memory")
+    data = load_data(cfg)
     step = build_step(cfg, device, len(data.train) // cfg.batch_size)
     rng = torch.Generator(device).manual_seed(cfg.seed)
     loader = forever(
@@ -275,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference")
     parser.add_argument("--variants", action="store_true", help="compare model settings of the model step")
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out of --variants")
+    parser.add_argument("--variants-only", action="store_true", help="only --variants' comparison")
     parser.add_argument("--syncs", action="store_true", help="count host syncs per full step (CUDA)")
     args = parser.parse_intermixed_args(argv)
     cfg = compose_config(args.overrides)
@@ -285,6 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  {cfg.method.name} + {cfg.backbone.name}{stem}, {cfg.data.image_size}x{cfg.data.image_size} px, "
           f"batch {cfg.batch_size}, data={cfg.data.name}, optimizer {cfg.optimizer._target_.split('.')[-1]}")  # fmt: skip
     print(f"  trainer: channels_last={t.channels_last} precision={t.precision} compile={t.compile}")
+    if args.variants_only:
+        compare_variants(args.overrides, args.steps, args.warmup, not args.no_compile)
+        return
     print(f"  img/s = source images/s (2 views each): median of {args.steps} steps after {args.warmup} "
           "warm-up (range over steps)")  # fmt: skip
     rates = {}

@@ -1,6 +1,8 @@
+import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 FIGURES = (
@@ -37,3 +39,47 @@ def test_bench_rejects_a_bad_override_in_one_line():
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown backbone 'nope'")
+
+
+def gpu_check(budget_s: int) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "GPU_CHECK_DEVICE": "cpu",
+        "GPU_CHECK_QUICK": "1",
+        "GPU_CHECK_BUDGET_S": str(budget_s),
+    }
+    return subprocess.run(
+        ["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+PARTS = (
+    "python -m ssl_lab.bench",
+    "python -m ssl_lab.train",
+    "python -m ssl_lab.train",
+    "python -m ssl_lab.bench",
+)
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_every_part_on_the_cpu():
+    """benchmarks/gpu.sh as the first GPU machine will run it, rehearsed on the CPU in its tiny setting:
+    every part runs to the end and prints its figures (a stale override or flag would fail here, not on
+    the GPU's few minutes)."""
+    result = gpu_check(300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert [line[2:].split(" data=")[0] for line in out.splitlines() if line.startswith("$ ")] == list(PARTS)
+    assert "(failed" not in out and "(cut" not in out and "(skipped" not in out, out
+    assert out.count("(wall ") == 4
+    for figure in (*FIGURES, "host syncs per full step", "epoch 1/1  loss", "epoch 2/2  loss",
+                   "kNN top-1 on the validation split", "channels_last bf16"):  # fmt: skip
+        assert figure in out, figure
+    assert out.startswith("## GPU check") and out.rstrip().endswith("```")
+
+
+def test_gpu_check_skips_the_parts_its_budget_leaves_no_time_for():
+    result = gpu_check(5)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("(skipped: ") == 4, result.stdout
+    assert "img/s" not in result.stdout
