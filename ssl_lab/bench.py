@@ -34,9 +34,9 @@ from ssl_lab import build
 from ssl_lab.build import TrainStep, pick_device
 from ssl_lab.config import check_command_line, check_config, compose
 from ssl_lab.data.augment import Augment
-from ssl_lab.data.datasets import DataSplits
-from ssl_lab.data.loader import batches, epoch_order
-from ssl_lab.errors import UserError, run_reporting_errors
+from ssl_lab.data.datasets import DataSplits, ImageSet, open_rgb
+from ssl_lab.data.loader import batches, crop_seed, epoch_order
+from ssl_lab.errors import run_reporting_errors
 
 # The speed goal's setting (benchmarks/README.md). The ImageNet stem: with the CIFAR stem (the runner's
 # default at 32 px) ResNet-18's step runs at ~18 img/s on 2 CPU cores, not ~350, 15 s per 256 batch.
@@ -117,9 +117,10 @@ def report(
 
 
 class PerSampleViews(torch.utils.data.Dataset):
-    """lightly's examples' way: each image to PIL, torchvision transforms twice, in DataLoader workers."""
+    """lightly's examples' way: each image to PIL (held in memory, or decoded from its file), torchvision
+    transforms twice, in DataLoader workers."""
 
-    def __init__(self, images: torch.Tensor, augment: Augment) -> None:
+    def __init__(self, images: ImageSet, augment: Augment) -> None:
         from torchvision import transforms as T
 
         self.images, a = images, augment
@@ -131,13 +132,18 @@ class PerSampleViews(torch.utils.data.Dataset):
         ]
         if a.blur_p:
             ops.append(T.RandomApply([T.GaussianBlur(a.blur_kernel, a.blur_sigma)], p=a.blur_p))
+        if a.solarize_p:
+            ops.append(T.RandomSolarize(a.solarize_threshold, p=a.solarize_p))
         self.transform = T.Compose([*ops, T.ToTensor(), T.Normalize(a.mean, a.std)])
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
+        if self.images.images is None:
+            image = open_rgb(self.images.files[i])
+        else:
+            image = Image.fromarray(self.images.images[i].permute(1, 2, 0).numpy())
         return self.transform(image), self.transform(image)
 
 
@@ -149,46 +155,58 @@ def load_data(cfg: DictConfig) -> DataSplits:
     """cfg.data, loaded once per run of the bench (CIFAR-10's JPEGs take a while to decode)."""
     key = repr(cfg.data)
     if key not in _DATA:
-        data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
-        if data.train.images is None:
-            raise UserError(f"data={cfg.data.name} is decoded from files; the bench needs one held in memory")
-        _DATA[key] = data
+        _DATA[key] = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
     return _DATA[key]
 
 
 _DATA: dict[str, DataSplits] = {}
 
 
+def to_device(images: torch.Tensor | tuple[torch.Tensor, ...], device: torch.device):
+    """A batch (or its views' crops, from decoding workers) to the device, as ssl_lab/loop.py moves it."""
+    if isinstance(images, tuple):
+        return tuple(view.to(device, non_blocking=True) for view in images)
+    return images.to(device, non_blocking=True)
+
+
 def training_inputs(
-    cfg: DictConfig, device: torch.device
+    cfg: DictConfig, device: torch.device, workers: int | None = None
 ) -> tuple[DataSplits, TrainStep, torch.Generator, Iterator]:
     """The data, the runner's step, its augmentation stream and an endless stream of batches as the
-    runner's loop draws them."""
+    runner's loop draws them: from memory, or for a set decoded from files, each view cropped from the
+    full image by `workers` (default trainer.num_workers) persistent decoding workers."""
     data = load_data(cfg)
     step = build_step(cfg, device, len(data.train) // cfg.batch_size)
     rng = torch.Generator(device).manual_seed(cfg.seed)
+    crops = step.crop_plan() if data.train.images is None else None
     loader = forever(
         lambda epoch: batches(
             data.train, epoch_order(len(data.train), cfg.seed, epoch), cfg.batch_size, drop_last=True,
-            num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda", device=device,
+            num_workers=cfg.trainer.num_workers if workers is None else workers,
+            pin_memory=device.type == "cuda", device=device, persistent=True, crops=crops,
+            seed=crop_seed(cfg.seed, epoch),
         )
     )  # fmt: skip
     return data, step, rng, loader
 
 
-def measure(cfg: DictConfig, steps: int, warmup: int, workers: int) -> dict[str, list[float]]:
-    """Seconds per step of the four pipelines (and the reference's data path), all on one model."""
+def measure(
+    cfg: DictConfig, steps: int, warmup: int, workers: int
+) -> tuple[dict[str, list[float]], set[str]]:
+    """Seconds per step of the four pipelines and the data paths alone, all on one model; and the names
+    of those fed by DataLoader workers (their batches arrive in bursts: report their mean)."""
     device, b = pick_device(cfg.trainer.device), cfg.batch_size
     channels_last = cfg.trainer.channels_last
-    data, step, rng, loader = training_inputs(cfg, device)
-    images = next(loader)[0].to(device)
+    data, step, rng, loader = training_inputs(cfg, device, workers)
+    decoded = data.train.images is None  # ssl_lab's batches come from decoding workers too
+    images = to_device(next(loader)[0], device)
     fixed = step.views(images, rng)
 
     def full_step(i: int) -> None:  # the runner's loop body (ssl_lab/loop.py)
-        step(next(loader)[0].to(device, non_blocking=True), rng, i)
+        step(to_device(next(loader)[0], device), rng, i)
 
     reference = torch.utils.data.DataLoader(
-        PerSampleViews(data.train.images, step.augment), batch_size=b, shuffle=True, drop_last=True,
+        PerSampleViews(data.train, step.augment), batch_size=b, shuffle=True, drop_last=True,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
     )  # fmt: skip
     views = forever(lambda _: iter(reference))
@@ -199,17 +217,26 @@ def measure(cfg: DictConfig, steps: int, warmup: int, workers: int) -> dict[str,
             view0, view1 = (v.contiguous(memory_format=torch.channels_last) for v in (view0, view1))
         step.update([view0, view1], i)
 
-    # The in-process pipelines take turns step by step. The reference cannot (its workers would prepare
-    # batches while the others run), so it takes turns with them block by block: each block first passes
-    # the batches its workers prefetched meanwhile (prefetch_factor 2), then times whole turns of them.
+    # The in-process pipelines take turns step by step. Those fed by workers cannot (the workers would
+    # prepare batches while the others run), so they take turns with the others block by block: each
+    # block first passes the batches its workers prefetched meanwhile (prefetch_factor 2), then times
+    # whole turns of them.
     settle, turn = warmup + 2 * workers, max(1, workers)
+    in_process = {"augment alone": lambda: step.views(images, rng),
+                  "model step alone": counted(lambda i: step.update(fixed, i))}  # fmt: skip
+    if decoded:
+        own = (({"ssl_lab data path alone": lambda: next(loader)}, settle, turn),
+               ({"full ssl_lab step": counted(full_step)}, settle, turn))  # fmt: skip
+    else:
+        in_process["full ssl_lab step"] = counted(full_step)
+        own = ()
     blocks = (
-        ({"augment alone": lambda: step.views(images, rng),
-          "model step alone": counted(lambda i: step.update(fixed, i)), "full ssl_lab step": counted(full_step)},
-         warmup, 1),
+        (in_process, warmup, 1),
+        *own,
         ({"reference data path alone": lambda: next(views)}, settle, turn),
         ({"reference (per-sample PIL)": counted(reference_step)}, settle, turn),
-    )  # fmt: skip
+    )
+    pipelined = {name for fns, _, k in blocks[1:] for name in fns}
     times: dict[str, list[float]] = {}
     rounds = min(2, steps)  # a slow spell of the (virtual) machine then hits both sides
     for r in range(rounds):
@@ -217,7 +244,7 @@ def measure(cfg: DictConfig, steps: int, warmup: int, workers: int) -> dict[str,
         for fns, skip, k in blocks:
             for name, t in timed(fns, -(-n // k) * k, skip, device).items():
                 times.setdefault(name, []).extend(t)
-    return times
+    return times, pipelined
 
 
 def syncs_per_step(cfg: DictConfig, steps: int, warmup: int) -> float | None:
@@ -230,14 +257,14 @@ def syncs_per_step(cfg: DictConfig, steps: int, warmup: int) -> float | None:
         return None
     _, step, rng, loader = training_inputs(cfg, device)
     for i in range(warmup):
-        step(next(loader)[0].to(device, non_blocking=True), rng, i)
+        step(to_device(next(loader)[0], device), rng, i)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for i in range(warmup, warmup + steps):
-                step(next(loader)[0].to(device, non_blocking=True), rng, i)
+                step(to_device(next(loader)[0], device), rng, i)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     return sum("synchroniz" in str(w.message) for w in caught) / steps
@@ -305,10 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  img/s = source images/s (2 views each): median of {args.steps} steps after {args.warmup} "
           "warm-up (range over steps)")  # fmt: skip
     rates = {}
-    for name, seconds in measure(cfg, args.steps, args.warmup, args.workers).items():
-        reference = name.startswith("reference")
-        note = f"  {args.workers} workers" if reference else ""
-        rates[name] = report(name, cfg.batch_size, seconds, note, pipelined=reference)
+    times, pipelined = measure(cfg, args.steps, args.warmup, args.workers)
+    for name, seconds in times.items():
+        note = f"  {args.workers} workers" if name in pipelined else ""
+        rates[name] = report(name, cfg.batch_size, seconds, note, pipelined=name in pipelined)
     full = rates["full ssl_lab step"]
     print(f"  full / model step alone        {full / rates['model step alone']:7.2f}")
     print(f"  full / reference               {full / rates['reference (per-sample PIL)']:7.2f}x")

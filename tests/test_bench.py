@@ -33,6 +33,25 @@ def test_bench_prints_the_four_figures_and_the_ratios():
     assert "test_resnet" in result.stdout and "batch 16" in result.stdout
 
 
+def test_bench_times_a_set_decoded_from_files_with_its_decoding_workers(tmp_path):
+    """Images larger than image_size (ImageNet's case) are cropped by decoding workers: the bench times
+    that path as the runner takes it, and the workers' share alone ("ssl_lab data path alone")."""
+    from test_data import make_folder
+
+    make_folder(tmp_path, per_class=16, size=(48, 40))
+    args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "backbone=resnet_tiny"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ssl_lab.bench", *args, "batch_size=8", "--steps", "1", "--warmup", "1",
+         "--workers", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    for figure in (*FIGURES, "ssl_lab data path alone"):
+        assert any(line.startswith(figure) and "img/s" in line for line in lines), figure
+    assert any(line.startswith("full ssl_lab step") and "(mean)  1 workers" in line for line in lines)
+
+
 def test_bench_rejects_a_bad_override_in_one_line():
     result = subprocess.run(
         [sys.executable, "-m", "ssl_lab.bench", "backbone=nope"], cwd=ROOT, capture_output=True, text=True
