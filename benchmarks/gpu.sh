@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check, one command on a CUDA machine (issue 11), within a time budget (default 450 s).
+# The GPU check, one command on a CUDA machine (issue 11), within a time budget (default 480 s).
 #
 #   bash benchmarks/gpu.sh 2>stderr.log | tee gpu-check.md     # from the checkout's root
 #
 # Prints markdown for benchmarks/README.md, most telling part first, so that a check cut short by the
 # machine's time limit still says the most: device and torch; the bench with host syncs per step
 # (augment alone, model step alone, full step, their ratio); seconds per epoch of the real runner; with
-# CIFAR-10 present a short SimCLR run's kNN; fp32/bf16 x contiguous/channels_last and compile on/off.
+# CIFAR-10 present a short SimCLR run's kNN; fp32/bf16 x contiguous/channels_last and compile on/off;
+# ResNet-50 at 224 px on ImageNet-sized JPEGs decoded by 14 workers (made on the spot, no download).
 # Each part runs under `timeout`, the lesser of its own limit and the time left of the budget; a part
 # that fails or is cut says so in one line and the next part runs. Python's stderr (warnings, any
 # traceback) is left on stderr: keep it beside the markdown.
@@ -14,13 +15,13 @@
 # Data: CIFAR-10 when extracted under $SSL_LAB_DATA, else the synthetic set at CIFAR-10's shape (50,000
 # train and 10,000 test images of 32x32, generated).
 #
-# Environment: PYTHON (python3), GPU_CHECK_BUDGET_S (450), GPU_CHECK_DEVICE (cuda),
+# Environment: PYTHON (python3), GPU_CHECK_BUDGET_S (480), GPU_CHECK_DEVICE (cuda),
 # GPU_CHECK_QUICK=1: a tiny setting of every part (tiny model, 64 images, one step), to rehearse the
 # script on a CPU: `GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu.sh` (tests/test_bench.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 QUICK=${GPU_CHECK_QUICK:-0}
 START=$SECONDS
@@ -34,12 +35,20 @@ COMMON=(backbone=resnet18 batch_size=512 "trainer.device=$DEVICE" logger=none tr
 BENCH=(--steps 30 --warmup 5 --workers 8)
 COMPILE=()
 EPOCHS=3 KNN_EPOCHS=20 KNN_EVERY=5
+JPEGS=(--train 2048 --val 256)  # ImageNet-sized, for the decoding path
+FILES=(data=imagefolder data.root=outputs/gpu-check-jpegs data.image_size=224 augment=simclr_imagenet
+       backbone=resnet50 batch_size=256 "trainer.device=$DEVICE" logger=none trainer.precision=bf16)
+FILES_BENCH=(--steps 10 --warmup 3 --workers 14)
 if [ "$QUICK" = 1 ]; then  # the rehearsal: every part, tiny
     DATA=(data=synthetic data.num_train=64 data.num_test=32)
     COMMON=(backbone=resnet_tiny batch_size=16 "trainer.device=$DEVICE" logger=none trainer.precision=32)
     BENCH=(--steps 1 --warmup 1 --workers 1)
     COMPILE=(--no-compile)  # a minute on a CPU; the compiled step has tests of its own
     EPOCHS=1 KNN_EPOCHS=2 KNN_EVERY=1
+    JPEGS=(--train 32 --val 8)
+    FILES=(data=imagefolder data.root=outputs/gpu-check-jpegs data.image_size=64 augment=simclr_imagenet
+           backbone=resnet_tiny batch_size=8 "trainer.device=$DEVICE" logger=none trainer.precision=32)
+    FILES_BENCH=(--steps 1 --warmup 1 --workers 1)
 fi
 
 # part LIMIT_S TITLE COMMAND...: the command under timeout (its limit or the budget's rest), its stdout
@@ -89,6 +98,11 @@ if [ "$HAVE_CIFAR" = 1 ] || [ "$QUICK" = 1 ]; then
 fi
 part 150 "python -m ssl_lab.bench ${DATA[*]} ${COMMON[*]} ${BENCH[*]} --variants-only ${COMPILE[*]}" \
     $PY -m ssl_lab.bench "${DATA[@]}" "${COMMON[@]}" "${BENCH[@]}" --variants-only "${COMPILE[@]}"
+# ImageNet-sized JPEGs made on the spot, then the bench on them: the decoding workers' path
+FILES_CMD="rm -rf outputs/gpu-check-jpegs && $(printf '%q ' "$PY" benchmarks/jpeg_folder.py outputs/gpu-check-jpegs "${JPEGS[@]}")"
+FILES_CMD+=" && $(printf '%q ' "$PY" -m ssl_lab.bench "${FILES[@]}" "${FILES_BENCH[@]}")"
+part 120 "python benchmarks/jpeg_folder.py outputs/gpu-check-jpegs ${JPEGS[*]} && python -m ssl_lab.bench ${FILES[*]} ${FILES_BENCH[*]}" \
+    bash -c "$FILES_CMD"
 echo
 echo "(the check took $((SECONDS - START)) s of its ${BUDGET} s budget)"
 echo '```'
