@@ -27,7 +27,9 @@ def write_folder(root: Path, train: int = 1536, val: int = 256, classes: int = 1
             folder = root / split / f"class{i % classes}"
             folder.mkdir(parents=True, exist_ok=True)
             w, h = SIZES[rng.integers(len(SIZES))]
-            field = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+            field = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize(
+                (w, h), Image.BICUBIC
+            )
             pixels = np.asarray(field, dtype=np.float32) + rng.normal(0, 12, (h, w, 3))
             Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg", quality=90)
 
