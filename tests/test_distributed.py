@@ -124,7 +124,9 @@ def test_two_processes_train_like_one(method: str, tmp_path) -> None:
     Contiguous layout: with channels_last, oneDNN's convolutions sum in an order that depends on the
     batch size (16 per process vs 32), and Adam turns those float-level gradient differences into
     weight differences of ~1e-4 after 8 steps (measured; 7.7e-7 contiguous). The distributed maths
-    under test does not depend on the layout."""
+    under test does not depend on the layout. Contiguous too, the kernels differ by processor: the final
+    weights differ by 7.7e-7 on an avx512 host and by up to 7e-5 on an avx2-only one (2026-12-02), hence
+    the weights' tolerance of 2e-4; the losses, where a wrong gather or reduction shows first, stay at 1e-5."""
     args = [
         *FAST,
         f"method={method}",
@@ -158,7 +160,7 @@ def test_two_processes_train_like_one(method: str, tmp_path) -> None:
     if method == "simclr":
         one, two = (checkpoint.load(runs[p] / "final.pt")["model"] for p in (1, 2))
         for key in one:
-            torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-5, atol=1e-5, msg=key)
+            torch.testing.assert_close(two[key].float(), one[key].float(), rtol=1e-4, atol=2e-4, msg=key)
     assert not any((runs[2] / ".hydra").glob("*rank*"))  # only rank 0 wrote the run dir
 
 
