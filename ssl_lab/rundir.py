@@ -14,9 +14,11 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Iterator
 from datetime import datetime
@@ -168,8 +170,13 @@ def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
 def recorded(run_dir: Path, logger, step: object) -> Iterator[None]:
     """The run's status in run_info.json and W&B follows how the block ends: finished, interrupted or
     failed (with its one-line error). A collective that fails because another process died becomes
-    PeerFailed. `step()` tells the step reached, for that message. Leaves the process group."""
-    exit_code, status, error = 1, "failed", None
+    PeerFailed. `step()` tells the step reached, for that message. Leaves the process group.
+
+    A SIGTERM during the wrap-up of a failure waits for it: torchrun sends one to every survivor within
+    0.1 s of a process's death, and its default action ended rank 0 before it had written its status
+    and said why (seen in CI; reproduced by delaying the wrap-up). After a lost peer the group is left
+    as it is: a collective of it has failed, and destroying it can wait on the dead member."""
+    exit_code, status, error, held, group_lost = 1, "failed", None, None, False
     try:
         yield
         exit_code, status = 0, "finished"
@@ -177,9 +184,11 @@ def recorded(run_dir: Path, logger, step: object) -> Iterator[None]:
         exit_code, status = 128 + e.signum, "interrupted"
         raise
     except Exception as e:
+        held = hold_sigterm()
         if not distributed.lost_peer(e):
             error = user_message(e)
             raise
+        group_lost = True
         error = (
             f"process {distributed.rank()} lost contact with the others at step {step()} "
             f"({one_line(str(e))[:90]}...): another process failed, see its message. "
@@ -187,10 +196,22 @@ def recorded(run_dir: Path, logger, step: object) -> Iterator[None]:
         )
         raise PeerFailed(error) from None
     finally:
-        logger.finish(exit_code)
-        if distributed.is_main():
-            set_status(run_dir, status, error)
-        distributed.shutdown()
+        try:
+            logger.finish(exit_code)
+            if distributed.is_main():
+                set_status(run_dir, status, error)
+            if not group_lost:
+                distributed.shutdown()
+        finally:
+            if held is not None:
+                signal.signal(signal.SIGTERM, held)
+
+
+def hold_sigterm() -> Any:
+    """Ignore SIGTERM from here on (main thread only); returns the handler to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
 def write_json(path: Path, data: dict) -> None:

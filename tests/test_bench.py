@@ -1,9 +1,8 @@
 import os
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 FIGURES = (
     "augment alone",
@@ -17,13 +16,7 @@ FIGURES = (
 def test_bench_prints_the_four_figures_and_the_ratios():
     """`python -m ssl_lab.bench` with a tiny setting, as benchmarks/README.md shows it (no timing asserts)."""
     args = ["backbone=resnet_tiny", "batch_size=16", "data.limit_train=64", "--steps", "1", "--warmup", "1"]
-    result = subprocess.run(
-        [sys.executable, "-m", "ssl_lab.bench", *args, "--workers", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli(*args, "--workers", "1", cwd=ROOT, module="ssl_lab.bench", timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     for figure in FIGURES:
@@ -40,11 +33,18 @@ def test_bench_times_a_set_decoded_from_files_with_its_decoding_workers(tmp_path
 
     make_folder(tmp_path, per_class=16, size=(48, 40))
     args = ["data=imagefolder", f"data.root={tmp_path}", "data.image_size=16", "backbone=resnet_tiny"]
-    result = subprocess.run(
-        [sys.executable, "-m", "ssl_lab.bench", *args, "batch_size=8", "--steps", "1", "--warmup", "1",
-         "--workers", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    result = run_cli(
+        *args,
+        "batch_size=8",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--workers",
+        "1",
+        cwd=ROOT,
+        module="ssl_lab.bench",
+    )
     assert result.returncode == 0, result.stderr
     lines = [line.strip() for line in result.stdout.splitlines()]
     for figure in (*FIGURES, "ssl_lab data path alone"):
@@ -53,9 +53,7 @@ def test_bench_times_a_set_decoded_from_files_with_its_decoding_workers(tmp_path
 
 
 def test_bench_rejects_a_bad_override_in_one_line():
-    result = subprocess.run(
-        [sys.executable, "-m", "ssl_lab.bench", "backbone=nope"], cwd=ROOT, capture_output=True, text=True
-    )
+    result = run_cli("backbone=nope", cwd=ROOT, module="ssl_lab.bench")
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown backbone 'nope'")
 

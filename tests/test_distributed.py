@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, start_cli
 
 from ssl_lab import checkpoint
 from ssl_lab.distributed import first_host, launch_env
@@ -114,44 +114,56 @@ def test_sync_batchnorm_on_gloo_equals_one_process_on_the_global_batch() -> None
     torch.testing.assert_close(summed, net[1].weight.grad, atol=1e-4, rtol=1e-4)
 
 
+TRAIN_ARGS = [*FAST, "trainer.log_every=1", "trainer.progress=false", "logger=none"]
+# Contiguous layout: with channels_last, oneDNN's convolutions sum in an order that depends on the batch
+# size (16 per process vs 32), and Adam turns those float-level gradient differences into weight
+# differences of ~1e-4 after 8 steps (measured; 7.7e-7 contiguous). The distributed maths under test
+# does not depend on the layout.
+ONE_EPOCH = ["trainer.channels_last=false", "epochs=1"]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "ssl_lab.train", *TRAIN_ARGS]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+
+
+def run_torchrun(procs: int, *args: str, cwd: Path) -> None:
+    result = subprocess.run(
+        [*torchrun("--standalone", f"--nproc_per_node={procs}"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    """One epoch of SimCLR on 2 torchrun processes: the run that every other way of starting two
+    processes (two nodes, srun, the in-process launcher) must reproduce."""
+    work = tmp_path_factory.mktemp("torchrun2")
+    run_torchrun(2, *ONE_EPOCH, "hydra.run.dir=run", cwd=work)
+    return work / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "nnclr"])
-def test_two_processes_train_like_one(method: str, tmp_path) -> None:
+def test_two_processes_train_like_one(method: str, two_process_run: Path, tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo) and 1 process, same global batch, seed and data: the same
     losses step by step and the same final weights, to float tolerance. NNCLR only for its first
     steps: its nearest-neighbour argmax turns float-level differences into different neighbours once
     the support set holds near-identical early embeddings, after which the runs drift apart.
-    Contiguous layout: with channels_last, oneDNN's convolutions sum in an order that depends on the
-    batch size (16 per process vs 32), and Adam turns those float-level gradient differences into
-    weight differences of ~1e-4 after 8 steps (measured; 7.7e-7 contiguous). The distributed maths
-    under test does not depend on the layout. Contiguous too, the kernels differ by processor: the final
-    weights differ by 7.7e-7 on an avx512 host and by up to 7e-5 on an avx2-only one (2026-12-02), hence
-    the weights' tolerance of 2e-4; the losses, where a wrong gather or reduction shows first, stay at 1e-5."""
-    args = [
-        *FAST,
-        f"method={method}",
-        "trainer.channels_last=false",
-        "epochs=1",
-        "trainer.log_every=1",
-        "trainer.progress=false",
-        "logger=none",
-    ]
-    runs = {}
-    for procs in (1, 2):
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={procs}",
-        ]
-        result = subprocess.run(
-            [*launcher, "-m", "ssl_lab.train", *args, f"hydra.run.dir=run{procs}"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[procs] = tmp_path / f"run{procs}"
-    losses = {p: [r["train/loss"] for r in read_metrics(d) if "train/loss" in r] for p, d in runs.items()}
+    The kernels differ by processor: the final weights differ by 7.7e-7 on an avx512 host and by up to
+    7e-5 on an avx2-only one (2026-12-02), hence the weights' tolerance of 2e-4; the losses, where a
+    wrong gather or reduction shows first, stay at 1e-5."""
+    runs = {1: tmp_path / "run1", 2: two_process_run}
+    one = run_cli(*TRAIN_ARGS, *ONE_EPOCH, f"method={method}", f"hydra.run.dir={runs[1]}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    if method != "simclr":
+        runs[2] = tmp_path / "run2"
+        run_torchrun(2, *ONE_EPOCH, f"method={method}", f"hydra.run.dir={runs[2]}", cwd=tmp_path)
+    losses = {p: train_losses(d) for p, d in runs.items()}
     assert len(losses[1]) == 8
     steps = 8 if method == "simclr" else 3
     torch.testing.assert_close(
@@ -164,21 +176,16 @@ def test_two_processes_train_like_one(method: str, tmp_path) -> None:
     assert not any((runs[2] / ".hydra").glob("*rank*"))  # only rank 0 wrote the run dir
 
 
-TRAIN_ARGS = [*FAST, "trainer.log_every=1", "trainer.progress=false", "logger=none"]
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "ssl_lab.train", *TRAIN_ARGS]
-
-
-def train_losses(run_dir: Path) -> list[float]:
-    return [r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r]
+def assert_same_losses(run_dir: Path, reference: Path) -> None:
+    """Two runs on 2 processes each, started in different ways: the same kernels on the same batches."""
+    torch.testing.assert_close(torch.tensor(train_losses(run_dir)), torch.tensor(train_losses(reference)))
 
 
 @pytest.mark.slow
-def test_two_nodes_on_loopback_train_and_checkpoint_once(tmp_path: Path) -> None:
+def test_two_nodes_on_loopback_train_and_checkpoint_once(two_process_run: Path, tmp_path: Path) -> None:
     """Two torchrun invocations (`--nnodes=2`, c10d rendezvous on 127.0.0.1), one process each, as on
-    two machines: they train as one run; only node 0 writes, and to one run dir."""
+    two machines: they train as one run, the run of 2 processes on one node; only node 0 writes, and
+    to one run dir."""
     rdzv = [
         "--nnodes=2",
         "--nproc_per_node=1",
@@ -187,7 +194,7 @@ def test_two_nodes_on_loopback_train_and_checkpoint_once(tmp_path: Path) -> None
     ]
     nodes = [
         subprocess.Popen(
-            [*torchrun(*rdzv, f"--node_rank={n}", "--rdzv-id=loopback"), "epochs=1"],
+            [*torchrun(*rdzv, f"--node_rank={n}", "--rdzv-id=loopback"), *ONE_EPOCH],
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -204,6 +211,7 @@ def test_two_nodes_on_loopback_train_and_checkpoint_once(tmp_path: Path) -> None
     assert len(list((tmp_path / "outputs").rglob("metrics.jsonl"))) == 1
     assert "Run dir:" in outputs[0][0] and "Run dir:" not in outputs[1][0]  # rank 0 alone prints
     assert len(train_losses(runs[0])) == 8 and checkpoint.load(runs[0] / "final.pt")["step"] == 8
+    assert_same_losses(runs[0], two_process_run)
 
 
 def slurm_env(procid: int, ntasks: int, port: int) -> dict[str, str]:
@@ -273,57 +281,46 @@ def test_first_host_of_every_slurm_nodelist_form() -> None:
 
 
 @pytest.mark.slow
-def test_srun_style_tasks_train_as_one_run(tmp_path: Path) -> None:
+def test_srun_style_tasks_train_as_one_run(two_process_run: Path, tmp_path: Path) -> None:
     """Two plain `python -m ssl_lab.train` processes with SLURM's variables (as srun starts them):
     the runner forms the process group itself and trains like torchrun's two processes."""
     port = free_port()
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     tasks = [
-        subprocess.Popen(
-            [sys.executable, "-m", "ssl_lab.train", *TRAIN_ARGS, "epochs=1", "hydra.run.dir=run"],
-            cwd=tmp_path,
-            env={**base, **slurm_env(i, 2, port)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
+        start_cli(
+            *TRAIN_ARGS, *ONE_EPOCH, "hydra.run.dir=run", cwd=tmp_path, env={**base, **slurm_env(i, 2, port)}
+        )
         for i in (0, 1)
     ]
     for task in tasks:
-        _, err = task.communicate(timeout=600)
-        assert task.returncode == 0, err[-3000:]
+        done = task.finish(timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
     assert checkpoint.load(tmp_path / "run" / "final.pt")["step"] == 8
+    assert_same_losses(tmp_path / "run", two_process_run)
     assert not list(tmp_path.glob("ssl_lab-rank*"))
 
 
 @pytest.mark.slow
-def test_in_process_launcher_trains_like_torchrun(tmp_path: Path) -> None:
+def test_in_process_launcher_trains_like_torchrun(two_process_run: Path, tmp_path: Path) -> None:
     """trainer.nproc_per_node=2 starts the processes from inside the runner (what sweep jobs use):
     the same losses as torchrun with 2 processes."""
-    common = [*TRAIN_ARGS, "epochs=1"]
-    spawned = subprocess.run(
-        [sys.executable, "-m", "ssl_lab.train", *common, "trainer.nproc_per_node=2", "hydra.run.dir=spawned"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert spawned.returncode == 0, spawned.stderr[-3000:]
-    launched = subprocess.run(
-        [*torchrun("--standalone", "--nproc_per_node=2"), "epochs=1", "hydra.run.dir=torchrun"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert launched.returncode == 0, launched.stderr[-3000:]
-    torch.testing.assert_close(
-        torch.tensor(train_losses(tmp_path / "spawned")), torch.tensor(train_losses(tmp_path / "torchrun"))
+    spawned = run_cli(
+        *TRAIN_ARGS, *ONE_EPOCH, "trainer.nproc_per_node=2", "hydra.run.dir=spawned", cwd=tmp_path
     )
+    assert spawned.returncode == 0, spawned.stderr[-3000:]
+    assert_same_losses(tmp_path / "spawned", two_process_run)
     assert spawned.stdout.count("Run dir:") == 1
 
 
 def test_in_process_launcher_reports_a_worker_error_on_one_line(tmp_path: Path) -> None:
     """An error that the processes meet (no data set there) is said once, by the launching process."""
-    result = subprocess.run(
-        [sys.executable, "-m", "ssl_lab.train", *TRAIN_ARGS, "trainer.nproc_per_node=2", "data=cifar10",
-         f"data.root={tmp_path / 'nowhere'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    result = run_cli(
+        *TRAIN_ARGS,
+        "trainer.nproc_per_node=2",
+        "data=cifar10",
+        f"data.root={tmp_path / 'nowhere'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("error: no cifar10 found") and result.stderr.count("\n") == 1, (
         result.stderr
@@ -368,7 +365,7 @@ def test_a_dead_process_ends_all_and_the_run_resumes(tmp_path: Path) -> None:
     start = time.time()
     _, err = launcher.communicate(timeout=120)
     assert launcher.returncode != 0 and time.time() - start < 60
-    assert "process 0 lost contact with the others" in err and "resume=true" in err
+    assert "process 0 lost contact with the others" in err and "resume=true" in err, err[-3000:]
     assert "exitcode  : -9" in err  # torchrun names the process that died
 
     resumed = subprocess.run(
@@ -478,27 +475,37 @@ def test_sync_batchnorm_statistics_are_fp32_for_bf16_inputs() -> None:
         torch.testing.assert_close(out[r][1], reference.running_var, atol=1e-5, rtol=1e-5)
 
 
+RESUME_ARGS = ["trainer.channels_last=false", "scheduler=constant"]
+
+
+def train(procs: int, *args: str, cwd: Path) -> None:
+    """A run on `procs` processes: torchrun's, or a plain `python -m ssl_lab.train` for one."""
+    if procs > 1:
+        return run_torchrun(procs, *args, cwd=cwd)
+    result = run_cli(*TRAIN_ARGS, *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_epochs_on_one_process(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("reference")
+    train(1, *RESUME_ARGS, "epochs=2", "hydra.run.dir=run", cwd=work)
+    return work / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
-def test_a_run_resumes_on_another_number_of_processes(first: int, then: int, tmp_path: Path) -> None:
+def test_a_run_resumes_on_another_number_of_processes(
+    first: int, then: int, two_epochs_on_one_process: Path, tmp_path: Path
+) -> None:
     """batch_size is global, and the data order and augmentation parameters are drawn for the global
     batch: a run checkpointed on `first` processes continues on `then` with the losses of a run that
     never stopped (contiguous layout and a constant lr, as in test_two_processes_train_like_one). The
     float-level differences between 1 and 2 processes grow with Adam: 1.3e-4 at step 16 (measured);
     other data or augmentations move it by 2e-2 to 1e-1 (seed 1 against seed 0, measured)."""
-    args = ["trainer.channels_last=false", "scheduler=constant"]
-
-    def run(procs: int, *extra: str) -> None:
-        result = subprocess.run(
-            [*torchrun("--standalone", f"--nproc_per_node={procs}"), *args, *extra],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-
-    run(1, "epochs=2", "hydra.run.dir=reference")
-    run(first, "epochs=1", "hydra.run.dir=run")
-    run(then, "epochs=2", "resume=run")
-    resumed, reference = train_losses(tmp_path / "run"), train_losses(tmp_path / "reference")
+    train(first, *RESUME_ARGS, "epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    train(then, *RESUME_ARGS, "epochs=2", "resume=run", cwd=tmp_path)
+    resumed, reference = train_losses(tmp_path / "run"), train_losses(two_epochs_on_one_process)
     assert len(resumed) == len(reference) == 16
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=0, atol=5e-4)
 

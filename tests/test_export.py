@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, run_cli
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -41,16 +41,9 @@ def files_of(folder: Path) -> dict[str, str]:
     }
 
 
-def start_export(*args: str, cwd: Path) -> subprocess.Popen:
-    """`python -m ssl_lab.export ARGS` in a subprocess, as the README shows it, started so that several
-    run side by side (each is mostly the interpreter importing torch and timm)."""
-    command = [sys.executable, "-m", "ssl_lab.export", *args]
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+def run_export(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m ssl_lab.export ARGS`, as the README shows it."""
+    return run_cli(*args, cwd=cwd, module="ssl_lab.export", timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +55,9 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProc
         train(compose_cfg([*TINY, backbone]), run_dir=run_dir)
         cwd = tmp_path_factory.mktemp(f"{family}-cwd")
         runs[family] = run_dir, cwd, set(os.listdir(run_dir))
-    procs = {
-        family: start_export(f"checkpoint={run_dir}", cwd=cwd) for family, (run_dir, cwd, _) in runs.items()
-    }
     result = {}
     for family, (run_dir, cwd, before) in runs.items():
-        done = finish(procs[family])
+        done = run_export(f"checkpoint={run_dir}", cwd=cwd)
         assert done.returncode == 0, done.stderr[-3000:]
         assert not list(cwd.iterdir()), "the export left something in the working directory"
         assert set(os.listdir(run_dir)) - before == {"export"}
@@ -188,9 +178,8 @@ def test_errors_are_one_line_and_write_nothing(exported, tmp_path: Path) -> None
         "garbage": ([f"checkpoint={tmp_path / 'garbage'}"], "cannot read checkpoint"),
         "exists": ([f"checkpoint={run_dir}"], f"out={run_dir / 'export'} exists; pass out=<new dir> or remove it"),
     }  # fmt: skip
-    procs = {name: start_export(*args, cwd=tmp_path) for name, (args, _) in cases.items()}
-    for name, proc in procs.items():
-        done = finish(proc)
+    for name, (args, _) in cases.items():
+        done = run_export(*args, cwd=tmp_path)
         assert done.returncode != 0, name
         assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("error: "), done.stderr
         assert cases[name][1] in done.stderr, done.stderr

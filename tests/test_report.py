@@ -1,10 +1,10 @@
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from ssl_lab.report import collect, main, t_quantile, write_report
 
@@ -13,10 +13,8 @@ SWEEP = [("simclr", "sgd"), ("simclr", "lars"), ("nnclr", "sgd"), ("nnclr", "lar
 
 
 def run_report(*args: str) -> subprocess.CompletedProcess:
-    """`python -m ssl_lab.report ARGS` in a subprocess, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "ssl_lab.report", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
+    """`python -m ssl_lab.report ARGS`, as a user runs it."""
+    return run_cli(*args, cwd=ROOT, module="ssl_lab.report", timeout=120)
 
 
 def write_run(

@@ -1,14 +1,19 @@
 """The run dir's bookkeeping: metrics trimmed on resume, finding the checkpoint to evaluate or resume."""
 
+import contextlib
 import json
+import multiprocessing
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from ssl_lab.errors import UserError
 from ssl_lab.loggers import read_metrics
-from ssl_lab.rundir import console_log, drop_metrics_after, find_checkpoint, resume_checkpoint
+from ssl_lab.rundir import console_log, drop_metrics_after, find_checkpoint, recorded, resume_checkpoint
 
 
 def test_resume_moves_rows_after_the_checkpoint_aside(tmp_path: Path) -> None:
@@ -56,3 +61,31 @@ def test_console_log_keeps_what_the_terminal_shows(tmp_path: Path, capsys) -> No
     ]
     assert lines[5] == "second start" and lines[-1] == "ZeroDivisionError: division by zero"
     assert "epoch 1/4:  90%" in capsys.readouterr().err  # the console itself is unchanged
+
+
+def _fail_while_sigterm_arrives(run_dir: str) -> None:
+    """A run that fails, and is sent SIGTERM while it wraps up (as torchrun does to the survivors of a
+    process that died): exit 7 once the wrap-up is done."""
+
+    class Logger:
+        def finish(self, exit_code: int) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the signal is handled here, in the middle of the wrap-up
+
+    with contextlib.suppress(RuntimeError), recorded(Path(run_dir), Logger(), lambda: 0):
+        raise RuntimeError("boom")
+    os._exit(7)
+
+
+def test_a_sigterm_during_the_wrap_up_of_a_failure_waits_for_it(tmp_path: Path) -> None:
+    """Without the hold, SIGTERM's default action ends the process in the middle of the wrap-up: no
+    status written, no error said (rank 0's "lost contact" message went missing in CI)."""
+    process = multiprocessing.get_context("forkserver").Process(
+        target=_fail_while_sigterm_arrives, args=(str(tmp_path),)
+    )
+    process.start()
+    process.join(60)
+    assert process.exitcode == 7
+    info = json.loads((tmp_path / "run_info.json").read_text())
+    assert info["status"] == "failed" and info["error"] == "boom"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # this process's own handler is untouched

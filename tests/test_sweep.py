@@ -3,8 +3,6 @@ that leaves the others' results, the Optuna search, the SLURM launcher config, t
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,9 +46,7 @@ def test_grid_multirun_runs_each_job_in_one_wandb_group_and_reports(workdir: Pat
     )
     assert "job #3: " in result.stdout
 
-    report = subprocess.run(
-        [sys.executable, "-m", "ssl_lab.report", str(sweep)], capture_output=True, text=True, timeout=300
-    )
+    report = run_cli(str(sweep), cwd=workdir, module="ssl_lab.report")
     assert report.returncode == 0, report.stderr
     rows = list(csv.DictReader((sweep / "report.csv").open()))
     assert [(r["method"], r["optimizer"], r["status"]) for r in rows] == [
@@ -73,9 +69,7 @@ def test_a_failing_job_is_reported_and_the_others_keep_their_results(workdir: Pa
     ).exists()  # after the failure too
     failed = json.loads((sweep / "1" / "run_info.json").read_text())
     assert failed["status"] == "failed" and "batch_size=100000" in failed["error"]
-    report = subprocess.run(
-        [sys.executable, "-m", "ssl_lab.report", str(sweep)], capture_output=True, text=True, timeout=300
-    )
+    report = run_cli(str(sweep), cwd=workdir, module="ssl_lab.report")
     assert report.returncode == 0 and "2 finished, 1 failed" in report.stdout
 
 

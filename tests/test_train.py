@@ -3,15 +3,14 @@
 import importlib.metadata
 import json
 import math
+import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose_cfg, run_cli
+from conftest import FAST, compose_cfg, run_cli, start_cli
 
 from ssl_lab import checkpoint
 from ssl_lab.errors import TrainingDiverged
@@ -144,26 +143,23 @@ def test_interrupt_and_resume_equals_uninterrupted(how: str, workdir: Path) -> N
     reference = run_cli(*args, "hydra.run.dir=reference", cwd=workdir)
     assert reference.returncode == 0, reference.stderr
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ssl_lab.train", *args],
-        cwd=workdir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(*args, cwd=workdir)
     try:
         if how == "sigterm":  # mid-epoch: the handler saves at the next step boundary
             wait_for_glob(workdir, "outputs/*/*/metrics.jsonl", steps_logged(11))
-            proc.send_signal(signal.SIGTERM)
+            os.kill(proc.pid, signal.SIGTERM)
         else:  # after the epoch-1 checkpoint, in the middle of epoch 2
             wait_for_glob(workdir, "outputs/*/*/last.pt", lambda p: True)
             wait_for_glob(workdir, "outputs/*/*/metrics.jsonl", steps_logged(12))
-            proc.kill()
-        _, err = proc.communicate(timeout=60)
+            os.kill(proc.pid, signal.SIGKILL)
+        done = proc.finish(timeout=60)
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
     if how == "sigterm":
-        assert proc.returncode == 128 + signal.SIGTERM and "resume=true" in err, err
+        assert done.returncode == 128 + signal.SIGTERM and "resume=true" in done.stderr, done.stderr
+    else:
+        assert done.returncode == -signal.SIGKILL
     (interrupted,) = (workdir / "outputs").glob("*/*/last.pt")
     assert checkpoint.load(interrupted)["epoch"] < 3
 
