@@ -53,7 +53,7 @@ def test_bench_times_a_set_decoded_from_files_with_its_decoding_workers(tmp_path
 
 
 def test_bench_rejects_a_bad_override_in_one_line():
-    result = run_cli("backbone=nope", cwd=ROOT, module="ssl_lab.bench")
+    result = run_cli("backbone=nope", cwd=ROOT, module="ssl_lab.bench", fresh=True)
     assert result.returncode == 2
     assert result.stderr.startswith("error: unknown backbone 'nope'")
 

@@ -34,7 +34,7 @@ def test_main_command_learns(workdir: Path) -> None:
     same backbone at random init by at least 10 points."""
     main = readme_commands()[0].split("&&")[-1].split()
     assert main[:3] == ["python", "-m", "ssl_lab.train"]
-    result = run_cli(*main[3:], cwd=workdir, timeout=900)
+    result = run_cli(*main[3:], cwd=workdir, timeout=900, fresh=True)  # a new interpreter, as a user's
     assert result.returncode == 0, result.stderr[-2000:]
     found = re.search(r"kNN top-1: ([\d.]+)% trained vs ([\d.]+)% at random init", result.stdout)
     assert found, result.stdout[-2000:]

@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SWEEP = [("simclr", "sgd"), ("simclr", "lars"), ("nnclr", "sgd"), ("nnclr", "lars")]
 
 
-def run_report(*args: str) -> subprocess.CompletedProcess:
+def run_report(*args: str, fresh: bool = False) -> subprocess.CompletedProcess:
     """`python -m ssl_lab.report ARGS`, as a user runs it."""
-    return run_cli(*args, cwd=ROOT, module="ssl_lab.report", timeout=120)
+    return run_cli(*args, cwd=ROOT, module="ssl_lab.report", timeout=120, fresh=fresh)
 
 
 def write_run(
@@ -135,7 +135,7 @@ def test_non_finite_loss_and_missing_knn(tmp_path: Path) -> None:
 def test_cli_prints_table_and_leaves_runs_alone(tmp_path: Path) -> None:
     sweep = make_sweep(tmp_path)
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
-    result = run_report(str(sweep))
+    result = run_report(str(sweep), fresh=True)  # a new interpreter: the report's own imports suffice
     assert result.returncode == 0, result.stderr
     assert "| job | method | optimizer | status |" in result.stdout
     assert f"Wrote {sweep / 'report.png'}" in result.stdout
