@@ -54,10 +54,8 @@ class CLI:
         self.args = ["python", "-m", module, *args]
         self._dir = tempfile.TemporaryDirectory()
         self._out, self._err = Path(self._dir.name, "stdout"), Path(self._dir.name, "stderr")
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(PRELOAD)
         io = (str(cwd), env, str(self._out), str(self._err))
-        self._process = context.Process(target=_run_module, args=(module, list(args), *io))
+        self._process = FORKSERVER.Process(target=_run_module, args=(module, list(args), *io))
         self._process.start()
         self.pid = self._process.pid
 
@@ -97,6 +95,8 @@ PRELOAD = [
     "wandb",
     "torchvision.datasets",
 ]
+FORKSERVER = multiprocessing.get_context("forkserver")  # started by the first start_cli
+FORKSERVER.set_forkserver_preload(PRELOAD)
 
 
 def _run_module(module: str, args: list[str], cwd: str, env: dict, out: str, err: str) -> None:

@@ -2,7 +2,6 @@
 
 import contextlib
 import json
-import multiprocessing
 import os
 import signal
 import sys
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FORKSERVER
 
 from ssl_lab.errors import UserError
 from ssl_lab.loggers import read_metrics
@@ -80,9 +80,7 @@ def _fail_while_sigterm_arrives(run_dir: str) -> None:
 def test_a_sigterm_during_the_wrap_up_of_a_failure_waits_for_it(tmp_path: Path) -> None:
     """Without the hold, SIGTERM's default action ends the process in the middle of the wrap-up: no
     status written, no error said (rank 0's "lost contact" message went missing in CI)."""
-    process = multiprocessing.get_context("forkserver").Process(
-        target=_fail_while_sigterm_arrives, args=(str(tmp_path),)
-    )
+    process = FORKSERVER.Process(target=_fail_while_sigterm_arrives, args=(str(tmp_path),))
     process.start()
     process.join(60)
     assert process.exitcode == 7
