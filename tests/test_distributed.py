@@ -138,6 +138,14 @@ def run_torchrun(procs: int, *args: str, cwd: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def train_on(procs: int, *args: str, cwd: Path) -> None:
+    """A run on `procs` processes: torchrun's, or a plain `python -m ssl_lab.train` for one."""
+    if procs > 1:
+        return run_torchrun(procs, *args, cwd=cwd)
+    result = run_cli(*TRAIN_ARGS, *args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
     """One epoch of SimCLR on 2 torchrun processes: the run that every other way of starting two
@@ -158,11 +166,10 @@ def test_two_processes_train_like_one(method: str, two_process_run: Path, tmp_pa
     7e-5 on an avx2-only one (2026-12-02), hence the weights' tolerance of 2e-4; the losses, where a
     wrong gather or reduction shows first, stay at 1e-5."""
     runs = {1: tmp_path / "run1", 2: two_process_run}
-    one = run_cli(*TRAIN_ARGS, *ONE_EPOCH, f"method={method}", f"hydra.run.dir={runs[1]}", cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
+    train_on(1, *ONE_EPOCH, f"method={method}", f"hydra.run.dir={runs[1]}", cwd=tmp_path)
     if method != "simclr":
         runs[2] = tmp_path / "run2"
-        run_torchrun(2, *ONE_EPOCH, f"method={method}", f"hydra.run.dir={runs[2]}", cwd=tmp_path)
+        train_on(2, *ONE_EPOCH, f"method={method}", f"hydra.run.dir={runs[2]}", cwd=tmp_path)
     losses = {p: train_losses(d) for p, d in runs.items()}
     assert len(losses[1]) == 8
     steps = 8 if method == "simclr" else 3
@@ -346,11 +353,7 @@ def test_a_dead_process_ends_all_and_the_run_resumes(tmp_path: Path) -> None:
     """kill -9 of one of two processes mid-run: torchrun ends the other at once (no hang), which says
     on one line what happened; resuming on 2 processes gives the uninterrupted run's weights."""
     epochs = ["epochs=3"]
-    full = subprocess.run(
-        [*torchrun("--standalone", "--nproc_per_node=2"), *epochs, "hydra.run.dir=full"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert full.returncode == 0, full.stderr[-3000:]
+    train_on(2, *epochs, "hydra.run.dir=full", cwd=tmp_path)
 
     run = tmp_path / "cut"
     launcher = subprocess.Popen(
@@ -368,11 +371,7 @@ def test_a_dead_process_ends_all_and_the_run_resumes(tmp_path: Path) -> None:
     assert "process 0 lost contact with the others" in err and "resume=true" in err, err[-3000:]
     assert "exitcode  : -9" in err  # torchrun names the process that died
 
-    resumed = subprocess.run(
-        [*torchrun("--standalone", "--nproc_per_node=2"), *epochs, f"resume={run}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train_on(2, *epochs, f"resume={run}", cwd=tmp_path)
     one, two = (checkpoint.load(d / "final.pt")["model"] for d in (tmp_path / "full", run))
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-6, atol=1e-6, msg=key)
@@ -478,18 +477,10 @@ def test_sync_batchnorm_statistics_are_fp32_for_bf16_inputs() -> None:
 RESUME_ARGS = ["trainer.channels_last=false", "scheduler=constant"]
 
 
-def train(procs: int, *args: str, cwd: Path) -> None:
-    """A run on `procs` processes: torchrun's, or a plain `python -m ssl_lab.train` for one."""
-    if procs > 1:
-        return run_torchrun(procs, *args, cwd=cwd)
-    result = run_cli(*TRAIN_ARGS, *args, cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 @pytest.fixture(scope="module")
 def two_epochs_on_one_process(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("reference")
-    train(1, *RESUME_ARGS, "epochs=2", "hydra.run.dir=run", cwd=work)
+    train_on(1, *RESUME_ARGS, "epochs=2", "hydra.run.dir=run", cwd=work)
     return work / "run"
 
 
@@ -503,8 +494,8 @@ def test_a_run_resumes_on_another_number_of_processes(
     never stopped (contiguous layout and a constant lr, as in test_two_processes_train_like_one). The
     float-level differences between 1 and 2 processes grow with Adam: 1.3e-4 at step 16 (measured);
     other data or augmentations move it by 2e-2 to 1e-1 (seed 1 against seed 0, measured)."""
-    train(first, *RESUME_ARGS, "epochs=1", "hydra.run.dir=run", cwd=tmp_path)
-    train(then, *RESUME_ARGS, "epochs=2", "resume=run", cwd=tmp_path)
+    train_on(first, *RESUME_ARGS, "epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    train_on(then, *RESUME_ARGS, "epochs=2", "resume=run", cwd=tmp_path)
     resumed, reference = train_losses(tmp_path / "run"), train_losses(two_epochs_on_one_process)
     assert len(resumed) == len(reference) == 16
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference), rtol=0, atol=5e-4)
