@@ -16,8 +16,10 @@
 # train and 10,000 test images of 32x32, generated).
 #
 # Environment: PYTHON (python3), GPU_CHECK_BUDGET_S (480), GPU_CHECK_DEVICE (cuda),
-# GPU_CHECK_QUICK=1: a tiny setting of every part (tiny model, 64 images, one step), to rehearse the
-# script on a CPU: `GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu.sh` (tests/test_bench.py).
+# GPU_CHECK_QUICK=1: a tiny setting of every part (tiny model, 64 images, one step; torch.compile
+# included), to rehearse the script on a CPU: `GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash
+# benchmarks/gpu.sh` (tests/test_bench.py). Arrays are expanded as ${A[@]+"${A[@]}"}: with set -u,
+# bash before 4.4 takes an empty "${A[@]}" for an unset variable.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -43,7 +45,6 @@ if [ "$QUICK" = 1 ]; then  # the rehearsal: every part, tiny
     DATA=(data=synthetic data.num_train=64 data.num_test=32)
     COMMON=(backbone=resnet_tiny batch_size=16 "trainer.device=$DEVICE" logger=none trainer.precision=32)
     BENCH=(--steps 1 --warmup 1 --workers 1)
-    COMPILE=(--no-compile)  # a minute on a CPU; the compiled step has tests of its own
     EPOCHS=1 KNN_EPOCHS=2 KNN_EVERY=1
     JPEGS=(--train 32 --val 8)
     FILES=(data=imagefolder data.root=outputs/gpu-check-jpegs data.image_size=64 augment=simclr_imagenet
@@ -88,6 +89,11 @@ nvidia-smi -L 2>/dev/null || echo "no nvidia-smi here (device: $DEVICE)"
 $PY -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', '| data:', '${DATA[*]}')"
 part 150 "python -m ssl_lab.bench ${DATA[*]} ${COMMON[*]} ${BENCH[*]} --syncs" \
     $PY -m ssl_lab.bench "${DATA[@]}" "${COMMON[@]}" "${BENCH[@]}" --syncs
+# 2 processes on this torch (gloo on the CPU: a GPU each is not needed to catch a version defect)
+DDP=(debug=smoke trainer.device=cpu logger=none trainer.progress=false)
+FILTER="^epoch|PASS|FAIL|difference" part 90 \
+    "python -m ssl_lab.train ${DDP[*]} trainer.nproc_per_node=2 && python -m ssl_lab.check_ddp --nproc 2 --steps 3 ${DDP[*]} method=nnclr" \
+    bash -c "$(printf '%q ' "$PY" -m ssl_lab.train "${DDP[@]}" trainer.nproc_per_node=2 hydra.run.dir=outputs/gpu-check-ddp) && $(printf '%q ' "$PY" -m ssl_lab.check_ddp --nproc 2 --steps 3 "${DDP[@]}" method=nnclr)"
 TRAIN=($PY -m ssl_lab.train "${DATA[@]}" "${COMMON[@]}" trainer.progress=false)
 FILTER="^epoch|kNN top-1" part 100 "python -m ssl_lab.train ${DATA[*]} ${COMMON[*]} epochs=$EPOCHS monitor.every=0" \
     "${TRAIN[@]}" epochs=$EPOCHS monitor.every=0 hydra.run.dir=outputs/gpu-check
@@ -96,8 +102,8 @@ if [ "$HAVE_CIFAR" = 1 ] || [ "$QUICK" = 1 ]; then
         "python -m ssl_lab.train ${DATA[*]} ${COMMON[*]} epochs=$KNN_EPOCHS monitor.every=$KNN_EVERY" \
         "${TRAIN[@]}" epochs=$KNN_EPOCHS monitor.every=$KNN_EVERY hydra.run.dir=outputs/gpu-check-knn
 fi
-part 150 "python -m ssl_lab.bench ${DATA[*]} ${COMMON[*]} ${BENCH[*]} --variants-only ${COMPILE[*]}" \
-    $PY -m ssl_lab.bench "${DATA[@]}" "${COMMON[@]}" "${BENCH[@]}" --variants-only "${COMPILE[@]}"
+part 150 "python -m ssl_lab.bench ${DATA[*]} ${COMMON[*]} ${BENCH[*]} --variants-only ${COMPILE[*]+${COMPILE[*]}}" \
+    $PY -m ssl_lab.bench "${DATA[@]}" "${COMMON[@]}" "${BENCH[@]}" --variants-only ${COMPILE[@]+"${COMPILE[@]}"}
 # ImageNet-sized JPEGs made on the spot, then the bench on them: the decoding workers' path
 FILES_CMD="rm -rf outputs/gpu-check-jpegs && $(printf '%q ' "$PY" benchmarks/jpeg_folder.py outputs/gpu-check-jpegs "${JPEGS[@]}")"
 FILES_CMD+=" && $(printf '%q ' "$PY" -m ssl_lab.bench "${FILES[@]}" "${FILES_BENCH[@]}")"

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from timm.layers import convert_sync_batchnorm
 from timm.scheduler.scheduler import Scheduler
 
 from ssl_lab import distributed
@@ -27,13 +28,18 @@ PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 def pick_device(name: str) -> torch.device:
+    """trainer.device as a device with its index (`cuda` -> `cuda:<current>`): tensors report their
+    device with one, and `torch.device("cuda", 0) != torch.device("cuda")`, so a device kept without
+    it never equals the device of what was put there."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(
             f"trainer.device={name} but CUDA is not available here; use trainer.device=auto or cpu"
         )
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -57,17 +63,50 @@ def build_model(cfg: DictConfig, device: torch.device, world: int = 1) -> Method
     """cfg.method around cfg.backbone, on `device`, with cfg.trainer's memory layout; with several
     processes, batch norm over the global batch (trainer.sync_batchnorm)."""
     model = instantiate(cfg.method, backbone=instantiate(cfg.backbone))
-    if world > 1 and cfg.trainer.sync_batchnorm:
-        convert = torch.nn.SyncBatchNorm.convert_sync_batchnorm if device.type == "cuda" else None
-        model = convert(model) if convert else distributed.SyncBatchNorm.convert(model)
+    if world > 1:
+        model = sync_batchnorm(model, sync_batchnorm_mode(cfg.trainer.sync_batchnorm), device)
     model = model.to(device)
     if device.type == "cuda":
-        # Fixed shapes: cuDNN's autotuner pays after the first steps. TF32 stays as torch has it
-        # (off for matmuls), so the losses' fp32 matmuls stay fp32.
-        torch.backends.cudnn.benchmark = True
+        if cfg.trainer.deterministic:  # comparable runs (check_ddp): no TF32, no per-shape algorithms
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        else:
+            # Fixed shapes: cuDNN's autotuner pays after the first steps. TF32 stays as torch has it
+            # (off for matmuls), so the losses' fp32 matmuls stay fp32.
+            torch.backends.cudnn.benchmark = True
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def sync_batchnorm_mode(value: str | bool) -> str:
+    """trainer.sync_batchnorm: ssl_lab | torch | false (true: ssl_lab)."""
+    text = str(value).lower()
+    return {"true": "ssl_lab"}.get(text, text)
+
+
+def sync_batchnorm(model: Method, mode: str, device: torch.device) -> Method:
+    """Batch norm over the global batch. `ssl_lab`: distributed.SyncBatchNorm on any device, no host
+    sync; `torch`: torch's SyncBatchNorm (GPUs only; it syncs the host once per layer per step) through
+    timm's converter, which keeps timm's BatchNormAct2d activations; `false`: per process."""
+    if mode == "false":
+        return model
+    foreign = distributed.foreign_batchnorms(model)
+    if foreign:
+        name, kind = foreign[0]
+        raise UserError(
+            f"{name} is a {kind.__module__}.{kind.__qualname__}, a batch norm with a forward of its own that "
+            f"trainer.sync_batchnorm={mode} cannot replace without changing the network; "
+            "use trainer.sync_batchnorm=false (batch norm per process)"
+        )
+    if mode == "torch":
+        if device.type != "cuda":
+            raise UserError(
+                "trainer.sync_batchnorm=torch needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
+                "use trainer.sync_batchnorm=ssl_lab"
+            )
+        return convert_sync_batchnorm(model)
+    return distributed.SyncBatchNorm.convert(model)
 
 
 class TrainStep:
@@ -203,9 +242,7 @@ def build_step(
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     forward: Callable = model  # Method.forward([views]) is the training step
     if world > 1:  # through the wrapper, which syncs gradients
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
-        )
+        forward = distributed.data_parallel(model, device)
     if cfg.trainer.compile:
         forward = torch.compile(forward)
     return TrainStep(

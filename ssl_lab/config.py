@@ -55,7 +55,8 @@ class Range:
         if value is None:
             return None
         if self.choices is not None:
-            return None if str(value) in self.choices else f"is not one of {', '.join(self.choices)}"
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            return None if text in self.choices else f"is not one of {', '.join(self.choices)}"
         if self.gt is not None and not value > self.gt:
             return "must be positive" if self.gt == 0 else f"must be greater than {self.gt:g}"
         if self.min is not None and value < self.min:
@@ -100,7 +101,9 @@ class TrainerConfig:
     log_every: int = knob("trainer.log_every=10", min=1)
     checkpoint_every: int = knob("trainer.checkpoint_every=1", min=1)
     progress: bool = knob("trainer.progress=false")
-    sync_batchnorm: bool = knob("trainer.sync_batchnorm=true")
+    # ssl_lab | torch | false (true: ssl_lab): ssl_lab.build.sync_batchnorm
+    sync_batchnorm: Any = knob("trainer.sync_batchnorm=torch", choices=("ssl_lab", "torch", "true", "false"))
+    deterministic: bool = knob("trainer.deterministic=true")
     nproc_per_node: int = knob("trainer.nproc_per_node=2", min=1)
     dist_timeout_s: float = knob("trainer.dist_timeout_s=1800", gt=0)
 

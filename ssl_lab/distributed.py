@@ -9,6 +9,7 @@ on GPUs, gloo on CPU. Every helper makes its tensors on `collective_device()`.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+from timm.layers import BatchNormAct2d
 
 # torch.distributed.nn.functional is deprecated in favour of the functional collectives, whose
 # autograd support is private API in torch 2.14; these collectives are public and correct.
@@ -84,7 +86,7 @@ def init(device: torch.device, timeout_s: float | None = None) -> torch.device:
     A collective that waits longer than `timeout_s` (a dead peer) fails instead of hanging."""
     global _collective_device
     if device.type == "cuda" and world_size() > 1:
-        device = torch.device("cuda", local_rank())
+        device = local_gpu()
     if world_size() > 1 and not dist.is_initialized():
         os.environ.update(launch_env())  # under SLURM: the env:// rendezvous reads these
         options: dict[str, Any] = {}
@@ -97,6 +99,15 @@ def init(device: torch.device, timeout_s: float | None = None) -> torch.device:
             dist.init_process_group("gloo", **options)
     _collective_device = device
     return device
+
+
+def local_gpu(local: int | None = None, visible: int | None = None) -> torch.device:
+    """This process's GPU: its local rank among the GPUs it sees. With one GPU bound per task
+    (SLURM's --gpus-per-task=1, CUDA_VISIBLE_DEVICES set per process) every process sees one GPU,
+    cuda:0, whatever its local rank."""
+    local = local_rank() if local is None else local
+    visible = torch.cuda.device_count() if visible is None else visible
+    return torch.device("cuda", local % max(visible, 1))
 
 
 def collective_device() -> torch.device:
@@ -133,6 +144,21 @@ def spawn(fn: Callable[..., Any], args: tuple, nproc: int) -> Any:
             log.setLevel(level)
 
 
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` in DistributedDataParallel, which averages the gradients, without its per-step buffer
+    broadcast: every process's buffers are already equal (batch norm over the global batch, NNCLR's
+    queue fed from every process), and broadcasting them would move a 64 MB queue each step. torch
+    2.13 renamed the switch (forward_sync_buffers=False still syncs the buffers once, at construction);
+    on older torch, broadcast_buffers=False skips that sync too, so it is done here."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    device_ids = [device.index] if device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return ddp(model, device_ids=device_ids, forward_sync_buffers=False)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+    return ddp(model, device_ids=device_ids, broadcast_buffers=False)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -147,7 +173,32 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' `x`, concatenated in rank order; gradients flow back to every rank's part."""
     if world_size() == 1:
         return x
-    return torch.cat(dist_nn.all_gather(x))
+    return _GatherWithGrad.apply(x)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward, each rank's part of the gradient summed over ranks: a
+    reduce-scatter on GPUs (NCCL), an all-reduce and a slice on CPU tensors (gloo has no
+    reduce-scatter). Chosen by the tensor's device: torch.distributed.nn's own all_gather picks its
+    reduce-scatter only when the backend's name is exactly "nccl", which "cpu:gloo,cuda:nccl" is not."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        n = grad.shape[0] // world_size()
+        if grad.device.type == "cuda":
+            out = grad.new_empty((n, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad)
+            return out
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad[rank() * n : (rank() + 1) * n]
 
 
 @torch.no_grad()
@@ -157,6 +208,35 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def shard(total: int, rank: int | None = None, world: int | None = None) -> range:
+    """This process's contiguous share of `total` rows (ceil(total / world) each, the last ones fewer)."""
+    rank = globals()["rank"]() if rank is None else rank
+    world = world_size() if world is None else world
+    per = -(-total // world)
+    return range(min(rank * per, total), min((rank + 1) * per, total))
+
+
+@torch.no_grad()
+def gather_shards(x: torch.Tensor, total: int) -> torch.Tensor:
+    """Every process's `shard(total)` rows of a tensor, in order: [total, ...] on every process."""
+    if world_size() == 1:
+        return x
+    per = -(-total // world_size())
+    padded = x.new_zeros((per, *x.shape[1:]))
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: len(shard(total, r))] for r, part in enumerate(parts)])
+
+
+def total(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over processes (a copy)."""
+    x = x.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -201,16 +281,55 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     @classmethod
     def convert(cls, module: torch.nn.Module) -> torch.nn.Module:
-        """A copy of `module` with every BatchNorm{1,2,3}d replaced, parameters and buffers kept."""
+        """`module` with every batch norm replaced, parameters and buffers kept (and the state dict's
+        keys): plain BatchNorm{1,2,3}d by this class, timm's BatchNormAct2d by SyncBatchNormAct, which
+        keeps its activation. Other batch norms with a forward of their own must be refused before
+        (`foreign_batchnorms`): replacing them would change what the network computes."""
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
-            sync = cls(
-                module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            args = (
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
             )
+            if type(module) is BatchNormAct2d:
+                sync: torch.nn.Module = SyncBatchNormAct(*args, drop=module.drop, act=module.act)
+            else:
+                sync = cls(*args)
             sync.load_state_dict(module.state_dict())
-            return sync.to(next(module.buffers(), torch.empty(0)).device)
+            return sync.to(next(module.buffers(), torch.empty(0)).device).train(module.training)
         for name, child in module.named_children():
             module.add_module(name, cls.convert(child))
         return module
+
+
+class SyncBatchNormAct(SyncBatchNorm):
+    """timm's BatchNormAct2d (batch norm, then its dropout and activation, e.g. in EfficientNet,
+    RegNet, MobileNetV3) over the global batch; `drop` and `act` keep their names, so the state dict
+    reads as the original's."""
+
+    def __init__(self, *args: Any, drop: torch.nn.Module, act: torch.nn.Module) -> None:
+        super().__init__(*args)
+        self.drop, self.act = drop, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def foreign_batchnorms(module: torch.nn.Module) -> list[tuple[str, type]]:
+    """Batch norms that neither converter can replace faithfully: subclasses with a forward of their
+    own (timm's BatchNormAct2d, which both know, excepted). Each as (name, class)."""
+    plain = torch.nn.modules.batchnorm._BatchNorm.forward
+    synced = (SyncBatchNorm, torch.nn.SyncBatchNorm)  # already over the global batch (timm's too)
+    return [
+        (name, type(m))
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and type(m).forward is not plain
+        and type(m) is not BatchNormAct2d
+        and not isinstance(m, synced)
+    ]
 
 
 def mean(x: torch.Tensor) -> torch.Tensor:

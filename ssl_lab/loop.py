@@ -52,22 +52,20 @@ class Run:
             self.writer.save(state, self.run_dir / name)  # written in the background
 
     def monitor(self) -> float | None:
-        """The kNN monitor's top-1 on rank 0 (the others wait): computed once, not once per process.
+        """The kNN monitor's top-1, every process extracting and voting for its share (ssl_lab.eval.knn).
         Logged as val/knn_top1 on the validation split; with data.val_size=0 as test/knn_top1."""
         monitored = self.data.monitored()
         if monitored is None:
             return None
         splits, split = monitored
-        top1 = None
+        cfg = self.cfg
+        top1 = knn_accuracy(
+            self.step.model, splits, cfg.monitor.k, cfg.monitor.temperature, device=self.device,
+            batch_size=cfg.monitor.batch_size, autocast_dtype=self.step.autocast_dtype,
+            channels_last=cfg.trainer.channels_last, num_workers=cfg.trainer.num_workers,
+        )["top1"]  # fmt: skip
         if self.main_process:
-            cfg = self.cfg
-            top1 = knn_accuracy(
-                self.step.model, splits, cfg.monitor.k, cfg.monitor.temperature, device=self.device,
-                batch_size=cfg.monitor.batch_size, autocast_dtype=self.step.autocast_dtype,
-                channels_last=cfg.trainer.channels_last, num_workers=cfg.trainer.num_workers,
-            )["top1"]  # fmt: skip
             self.logger.log({f"{split}/knn_top1": top1, "epoch": self.state.epoch}, step=self.state.step)
-        distributed.barrier()
         return top1
 
     def pixel_baseline(self) -> float | None:

@@ -66,12 +66,15 @@ def gpu_check(budget_s: int) -> subprocess.CompletedProcess:
         "GPU_CHECK_BUDGET_S": str(budget_s),
     }
     return subprocess.run(
-        ["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        ["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=420
     )
 
 
 PARTS = (
     "python -m ssl_lab.bench",
+    "python -m ssl_lab.train debug=smoke trainer.device=cpu logger=none trainer.progress=false trainer.nproc_per_node=2"
+    " && python -m ssl_lab.check_ddp --nproc 2 --steps 3 debug=smoke trainer.device=cpu logger=none"
+    " trainer.progress=false method=nnclr",
     "python -m ssl_lab.train",
     "python -m ssl_lab.train",
     "python -m ssl_lab.bench",
@@ -84,14 +87,15 @@ def test_gpu_check_rehearses_every_part_on_the_cpu():
     """benchmarks/gpu.sh as the first GPU machine will run it, rehearsed on the CPU in its tiny setting:
     every part runs to the end and prints its figures (a stale override or flag would fail here, not on
     the GPU's few minutes)."""
-    result = gpu_check(300)
+    result = gpu_check(400)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert [line[2:].split(" data=")[0] for line in out.splitlines() if line.startswith("$ ")] == list(PARTS)
     assert "(failed" not in out and "(cut" not in out and "(skipped" not in out, out
     assert out.count("(wall ") == len(PARTS)
     for figure in (*FIGURES, "host syncs per full step", "epoch 1/1  loss", "epoch 2/2  loss",
-                   "kNN top-1 on the validation split", "channels_last bf16", "ssl_lab data path alone"):  # fmt: skip
+                   "kNN top-1 on the validation split", "channels_last bf16", "ssl_lab data path alone",
+                   "PASS: 2 processes train like 1", "compiled"):  # fmt: skip
         assert figure in out, figure
     assert out.startswith("## GPU check") and out.rstrip().endswith("```")
 

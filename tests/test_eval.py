@@ -428,3 +428,34 @@ def test_eval_after_typo_fails_before_training(workdir: Path) -> None:
     assert result.returncode == 2
     assert "unknown protocol 'linaer'" in result.stderr and "linear" in result.stderr
     assert not list(workdir.rglob("*.pt"))
+
+
+def test_protocols_scale_fp16_gradients() -> None:
+    """trainer.precision=16: the linear, fine-tune and distill protocols train under fp16 autocast,
+    where a gradient below fp16's smallest subnormal (6e-8) flushes to zero without a GradScaler."""
+    from ssl_lab.data.datasets import DataSplits, ImageSet
+
+    torch.manual_seed(0)
+    images = ImageSet(
+        images=torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8), labels=torch.arange(64) % 4
+    )
+    data = DataSplits(
+        train=images, memory=images, test=images, num_classes=4, mean=(0.5,) * 3, std=(0.25,) * 3
+    )
+    init = torch.nn.Linear(3 * 8 * 8, 4).state_dict()
+
+    def update(dtype: torch.dtype | None) -> torch.Tensor:
+        ctx = common.EvalContext(model=torch.nn.Identity(), pretrain_config={}, data=data,
+                                 device=torch.device("cpu"), autocast_dtype=dtype)  # fmt: skip
+        head = torch.nn.Linear(3 * 8 * 8, 4)
+        head.load_state_dict(init)
+
+        def tiny_loss(x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(head(x.flatten(1)), labels) * 1e-6
+
+        common.fit(ctx, list(head.parameters()), images, tiny_loss, epochs=1, batch_size=32, base_lr=1e3)
+        return head.weight.detach() - init["weight"]
+
+    fp32 = update(None)
+    for dtype in (torch.float16, torch.bfloat16):  # unscaled fp16: the whole update is lost
+        assert (update(dtype) - fp32).norm() < 0.05 * fp32.norm(), dtype

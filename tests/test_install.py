@@ -86,15 +86,19 @@ def build_wheel(out: Path) -> Path:
 
 @pytest.mark.slow
 def test_installed_wheel_runs_from_an_empty_directory(tmp_path: Path) -> None:
-    """The wheel in a fresh venv that shares only the machine's packages (its torch), never this
-    checkout: `--cfg job`, a one-step pretraining with the console script, its evaluation and export."""
+    """The wheel in a fresh venv that shares only the running interpreter's packages (its torch), never
+    this checkout: `--cfg job`, a one-step pretraining with the console script, its evaluation and
+    export. The running interpreter may itself be a venv (most users run the tests in one), whose
+    packages `--system-site-packages` would not expose (it exposes the base interpreter's), so its
+    site directories are put on the new venv's path, after the venv's own."""
     wheel = build_wheel(tmp_path / "dist")
     venv = tmp_path / "venv"
-    # the machine's pip and setuptools too: a venv's own older setuptools would not satisfy torch
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True
-    )
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     bin_dir = venv / "bin"
+    (site_dir,) = venv.glob("lib/python*/site-packages")
+    shared = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()]
+    # the machine's pip and setuptools too: a venv's own older setuptools would not satisfy torch
+    (site_dir / "running_interpreter.pth").write_text("".join(f"{p}\n" for p in shared))
     install = subprocess.run(
         [bin_dir / "python", "-m", "pip", "install", "--no-index", str(wheel)], capture_output=True, text=True
     )

@@ -38,11 +38,16 @@ class ImageSet:
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The in-memory images (and labels) on `device`, copied once and kept (uint8: CIFAR-10's
         50,000 images are 150 MB)."""
-        cached = self.__dict__.get("_on_device")
-        if cached is None or cached[0].device != device:
+        cached = self.on_device()
+        # `cuda` and `cuda:0` are unequal devices; compare with the index a tensor there reports
+        if cached is None or cached[0].device != torch.empty(0, device=device).device:
             labels = self.labels.to(device) if self.labels is not None else None
             cached = self.__dict__["_on_device"] = (self.images.to(device), labels)
         return cached
+
+    def on_device(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The copy `on` made, if any."""
+        return self.__dict__.get("_on_device")
 
     def select(self, idx: torch.Tensor) -> ImageSet:
         """The images (and labels) at `idx`."""

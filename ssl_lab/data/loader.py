@@ -10,7 +10,8 @@ import torch
 from ssl_lab.data.datasets import FileDataset, ImageSet, ViewCrop, collate_decoded
 from ssl_lab.errors import UserError
 
-DEVICE_BUDGET = 2 * 2**30  # bytes of uint8 images held on an accelerator (larger sets: pinned host copies)
+DEVICE_BUDGET = 2 * 2**30  # bytes of uint8 images always allowed on an accelerator
+DEVICE_SHARE = 0.25  # or up to this share of the accelerator's free memory (STL-10's 2.7 GiB on a large GPU)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -45,10 +46,7 @@ def batches(
     call (epoch) to the next instead of starting new ones each time, and `crops` makes its workers
     decode training views: a tuple of one uint8 batch per view, each cropped from the full image with
     the generator seeded `seed + index` (`crop_seed`)."""
-    on_device = (
-        device is not None and device.type != "cpu" and data.images is not None
-        and data.images.numel() <= DEVICE_BUDGET
-    )  # fmt: skip
+    on_device = device is not None and device.type != "cpu" and fits_on(data, device)
     if on_device:
         indices = indices.to(device)
     chunks = list(indices.split(batch_size))
@@ -81,6 +79,17 @@ def batches(
         if errors:
             raise UserError(errors[0])
         yield images, _labels(data, idx)
+
+
+def fits_on(data: ImageSet, device: torch.device) -> bool:
+    """Whether the in-memory set is (or may be) held on the accelerator: up to DEVICE_BUDGET bytes, or
+    DEVICE_SHARE of its free memory, asked once (the copy, once made, is kept)."""
+    if data.images is None:
+        return False
+    if data.on_device() is not None:
+        return True
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+    return data.images.numel() <= max(DEVICE_BUDGET, DEVICE_SHARE * free)
 
 
 class EpochBatches:

@@ -72,12 +72,17 @@ def features(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     num_workers: int = 0,
+    rows: range | None = None,
 ) -> torch.Tensor:
-    """Backbone features [N, D] (float32) of every image, in order, with the network in eval mode."""
+    """Backbone features [N, D] (float32) of every image (or of the images at `rows`), in order, with
+    the network in eval mode."""
+    rows = range(len(images)) if rows is None else rows
+    if not rows:
+        return torch.empty(0, backbone.num_features, device=device)
     was_training = backbone.training
     backbone.eval()
     out = []
-    for batch, _ in batches(images, torch.arange(len(images)), batch_size, drop_last=False,
+    for batch, _ in batches(images, torch.arange(rows.start, rows.stop), batch_size, drop_last=False,
                             num_workers=num_workers):  # fmt: skip
         x = normalize(batch.to(device, non_blocking=True), mean, std)
         if channels_last:
@@ -94,9 +99,14 @@ def context_features(ctx: EvalContext, images: ImageSet, batch_size: int) -> tor
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:
     """Accuracy in percent for each k in topk."""
+    return [100.0 * hits / len(labels) for hits in topk_hits(scores, labels, topk).tolist()]
+
+
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1,)) -> torch.Tensor:
+    """How many rows have their label among the top k scores, for each k in topk (float64 counts)."""
     pred = scores.topk(max(topk), dim=1).indices
     hit = pred == labels[:, None].to(pred.device)
-    return [100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in topk]
+    return torch.stack([hit[:, :k].any(dim=1).sum() for k in topk]).double()
 
 
 def topk(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -197,6 +207,8 @@ def fit(
         params, base_lr, batch_size, weight_decay, steps_per_epoch, epochs, nesterov
     )
     generator = torch.Generator(ctx.device).manual_seed(ctx.seed + 1)
+    # fp16 autocast (trainer.precision=16): gradients scaled so that small ones do not underflow
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
     step, loss = 0, torch.zeros(())
     bar = tqdm(
         total=epochs * steps_per_epoch, desc=desc, disable=not ctx.progress, leave=False,
@@ -212,8 +224,9 @@ def fit(
             with ctx.autocast():
                 loss = loss_fn(x, labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             bar.update()
     bar.close()
