@@ -72,9 +72,9 @@ def knn_accuracy(
 
 
 def half_bank(bank: torch.Tensor) -> torch.Tensor:
-    """L2-normalised bank features, in fp16 on GPUs (fp32 on the CPU, whose fp16 matmul is slow)."""
-    bank = F.normalize(bank.float(), dim=1)
-    return bank.half() if bank.device.type == "cuda" else bank
+    """On GPUs, the bank's features L2-normalised in fp16 (what knn_predict takes as normalised); on
+    the CPU, whose fp16 matmul can be slow, as they are (fp32, normalised by knn_predict)."""
+    return F.normalize(bank.float(), dim=1).half() if bank.device.type == "cuda" else bank
 
 
 def evaluate(
