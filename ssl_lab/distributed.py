@@ -29,10 +29,14 @@ from timm.layers import BatchNormAct2d
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional", category=FutureWarning)
 
 
+# Fixed for the life of a process: a compiled step takes them as constants (torch.compile before 2.5
+# cannot trace the look-up in os.environ that they make without a process group).
+@torch.compiler.assume_constant_result
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(launch_env().get("RANK", 0))
 
 
+@torch.compiler.assume_constant_result
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(launch_env().get("WORLD_SIZE", 1))
 
@@ -159,8 +163,15 @@ def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return ddp(model, device_ids=device_ids, broadcast_buffers=False)
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
+    """Leave the process group; `together` (a run that ended well on every process), after a barrier:
+    a process that tore its group down while another was still wrapping up (rank 0 writes the last
+    checkpoint and the summary) left that one's gloo threads waiting, and its exit hung (torch 2.4,
+    most runs; cf. pytorch#75097). Not after a failure, which may have ended on one process only: a
+    barrier there could meet another process's training collective."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

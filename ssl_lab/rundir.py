@@ -200,8 +200,8 @@ def recorded(run_dir: Path, logger, step: object) -> Iterator[None]:
             logger.finish(exit_code)
             if distributed.is_main():
                 set_status(run_dir, status, error)
-            if not group_lost:
-                distributed.shutdown()
+            if not group_lost:  # together after a run that ended well; at once after a failure
+                distributed.shutdown(together=status == "finished")
         finally:
             if held is not None:
                 signal.signal(signal.SIGTERM, held)

@@ -44,7 +44,7 @@ class Method(nn.Module):
         self.concat_views = concat_views
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]):
-        if isinstance(x, list | tuple):
+        if isinstance(x, (list, tuple)):  # not list | tuple: torch.compile before 2.5 cannot trace it
             return self.training_step(list(x))
         return self.backbone(x)
 
