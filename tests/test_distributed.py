@@ -520,6 +520,16 @@ def test_check_ddp_passes_a_correct_config_and_catches_local_negatives(tmp_path:
     args = [*FAST, "--steps", "3"]
     ok = run_cli(*args, cwd=tmp_path, module="ssl_lab.check_ddp")
     assert ok.returncode == 0 and "PASS: 2 processes train like 1" in ok.stdout, ok.stdout + ok.stderr[-2000:]
+    assert "in fp32 with TF32 off and deterministic cuDNN" in ok.stdout  # it says what it forced
     bad = run_cli(*args, "method.gather_distributed=false", cwd=tmp_path, module="ssl_lab.check_ddp")
     assert bad.returncode == 1 and "FAIL" in bad.stdout, bad.stdout + bad.stderr[-2000:]
     assert not list(tmp_path.iterdir())  # its runs live in a temporary dir
+
+
+def test_check_ddp_compares_in_fp32_with_deterministic_kernels() -> None:
+    """On GPUs the defaults (bf16 autocast, TF32 convolutions, cuDNN's per-batch-size algorithms) make
+    1 and N processes differ without any bug: check_ddp forces what makes them comparable."""
+    from ssl_lab.check_ddp import check_config_for
+
+    cfg = check_config_for([*FAST, "trainer.precision=bf16", "trainer.deterministic=false"], nproc=2, steps=3)
+    assert cfg.trainer.precision == "32" and cfg.trainer.deterministic is True
