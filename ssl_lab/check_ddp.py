@@ -11,7 +11,12 @@ difference far above float level. Runs on CPU processes (gloo) unless trainer.de
 are present. Both runs are in fp32 with TF32 off and deterministic cuDNN (trainer.precision=32
 trainer.deterministic=true), whatever the config says: bf16 autocast and per-batch-size cuDNN
 algorithms differ by more than float noise between 1 and N processes without any bug.
-Prints the largest differences and one PASS or FAIL line; exit status 0 on PASS, 1 on FAIL.
+
+Some configs amplify float noise step by step (small batches under SGD, a nearest-neighbour argmax), so a
+fixed tolerance would cry wolf on them. A second 1-process run with the other memory layout
+(trainer.channels_last flipped: the same maths, kernels that sum in another order) measures this config's
+own noise; a difference passes when it is within the tolerance or within NOISE_FACTOR times that noise.
+Prints the differences beside the noise and one PASS or FAIL line; exit status 0 on PASS, 1 on FAIL.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from ssl_lab.train import train
 LOSS_TOLERANCE = 1e-3
 WEIGHTS_TOLERANCE = 1e-1  # Adam's first steps are sign-like: near-zero gradients' noise becomes full steps
 BUFFERS_TOLERANCE = 2e-2
+NOISE_FACTOR = 3  # 1 vs N processes against two 1-process runs that differ only in summation order
 
 
 def check_config_for(overrides: list[str], nproc: int, steps: int) -> DictConfig:
@@ -74,11 +80,17 @@ class Differences:
 
     @property
     def ok(self) -> bool:
+        """Within the fixed tolerances (no allowance for a config's own noise)."""
         return (
             self.loss <= LOSS_TOLERANCE
             and self.weights <= WEIGHTS_TOLERANCE
             and self.buffers <= BUFFERS_TOLERANCE
         )
+
+    def within(self, noise: Differences) -> dict[str, bool]:
+        """Per kind, whether the difference is within its tolerance or NOISE_FACTOR x this config's noise."""
+        limits = {"loss": LOSS_TOLERANCE, "weights": WEIGHTS_TOLERANCE, "buffers": BUFFERS_TOLERANCE}
+        return {k: getattr(self, k) <= max(t, NOISE_FACTOR * getattr(noise, k)) for k, t in limits.items()}
 
 
 def compare(init: Path, one: Path, many: Path, parameters: set[str]) -> Differences:
@@ -131,28 +143,39 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--nproc must be at least 2 and --steps at least 1, e.g. --nproc 2 --steps 4")
     cfg = check_config_for(args.overrides, args.nproc, args.steps)
     with tempfile.TemporaryDirectory(prefix="ssl_lab-check_ddp-") as tmp:
-        init, one, many = Path(tmp) / "init", Path(tmp) / "1", Path(tmp) / str(args.nproc)
+        init, one, other, many = (
+            Path(tmp) / name for name in ("init", "1", "1-other-layout", str(args.nproc))
+        )
         print(f"{cfg.method.name} + {cfg.backbone.name}, batch {cfg.batch_size}, {args.steps} steps, in fp32 "
               "with TF32 off and deterministic cuDNN: 1 process ...", flush=True)  # fmt: skip
-        train(OmegaConf.merge(cfg, {"epochs": 0}), run_dir=init)  # the initial state, which both share
+        train(OmegaConf.merge(cfg, {"epochs": 0}), run_dir=init)  # the initial state, which all share
         train(cfg, run_dir=one)
+        print("... 1 process with the other memory layout (this config's float noise) ...", flush=True)
+        train(
+            OmegaConf.merge(cfg, {"trainer": {"channels_last": not cfg.trainer.channels_last}}), run_dir=other
+        )
         print(f"... and {args.nproc} processes", flush=True)
         with open_dict(cfg):
             cfg.trainer.nproc_per_node = args.nproc
         launch(cfg, many)
         parameters = {name for name, _ in build_model(cfg, torch.device("cpu")).named_parameters()}
-        d = compare(init, one, many, parameters)
-    ok = d.ok
-    print(
-        f"  loss difference    {d.loss:.2e}  largest over the steps, relative to the loss "
-        f"(tolerance {LOSS_TOLERANCE:g})"
-    )
-    print(
-        f"  weights difference {d.weights:.2e}  over all parameters, relative to their change in training "
-        f"(tolerance {WEIGHTS_TOLERANCE:g}; most in {d.weights_where})"
-    )
-    print(f"  buffers difference {d.buffers:.2e}  largest, relative to its size, in "
-          f"{d.buffers_where} (tolerance {BUFFERS_TOLERANCE:g})")  # fmt: skip
+        d, noise = compare(init, one, many, parameters), compare(init, one, other, parameters)
+    within = d.within(noise)
+    ok = all(within.values())
+    tolerances = {"loss": LOSS_TOLERANCE, "weights": WEIGHTS_TOLERANCE, "buffers": BUFFERS_TOLERANCE}
+    what = {
+        "loss": "largest over the steps, relative to the loss",
+        "weights": f"over all parameters, relative to their change in training (most in {d.weights_where})",
+        "buffers": f"largest, relative to its size ({d.buffers_where})",
+    }
+    print(f"  {'':8} {'1 vs ' + str(args.nproc):>9} {'noise':>9}  (tolerance: the larger of the fixed one and "
+          f"{NOISE_FACTOR}x noise)")  # fmt: skip
+    for k in ("loss", "weights", "buffers"):
+        print(f"  {k:8} {getattr(d, k):9.2e} {getattr(noise, k):9.2e}  {'ok ' if within[k] else 'BAD'} "
+              f"{what[k]}; fixed tolerance {tolerances[k]:g}")  # fmt: skip
+    if any(getattr(noise, k) > t for k, t in tolerances.items()):
+        print("  this config amplifies float noise (two 1-process runs differ beyond a fixed tolerance): "
+              "the check is less sensitive here; fewer --steps sharpen it")  # fmt: skip
     print(f"{'PASS' if ok else 'FAIL'}: {args.nproc} processes train {'like' if ok else 'unlike'} 1 "
           f"for this config", flush=True)  # fmt: skip
     return 0 if ok else 1
