@@ -105,9 +105,8 @@ def sync_batchnorm(model: Method, mode: str, device: torch.device) -> Method:
                 "trainer.sync_batchnorm=torch needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
                 "use trainer.sync_batchnorm=ssl_lab"
             )
-        return convert_sync_batchnorm(model).train(
-            model.training
-        )  # timm 1.0.10 left new layers in train mode
+        # .train(): timm 1.0.10's converter leaves the layers it makes in training mode
+        return convert_sync_batchnorm(model).train(model.training)
     return distributed.SyncBatchNorm.convert(model)
 
 

@@ -45,13 +45,15 @@ from ssl_lab.train import train
 # would differ by its whole update without any bug). Buffers (BN statistics, a support queue of
 # un-normalised embeddings), each relative to its own size, and a BN running mean in units of its
 # running standard deviation (a mean near 0, e.g. behind such a bias, has no size of its own): no
-# absolute tolerance made for small values is applied to large ones. Float noise (kernels that sum in a batch-size-dependent order, on any
-# processor) stays far below; the bugs above move a loss by 1e-2 and the state by a fraction of its
-# change of order 1 (measured: benchmarks/README.md, "check_ddp's tolerances").
+# absolute tolerance made for small values is applied to large ones. Float noise (kernels that sum in a
+# batch-size-dependent order, on any processor) stays far below; the bugs above move a loss by 1e-2 and
+# the state by a fraction of its change of order 1 (measured: benchmarks/README.md, "check_ddp's
+# tolerances").
 LOSS_TOLERANCE = 1e-3
 WEIGHTS_TOLERANCE = 1e-1  # Adam's first steps are sign-like: near-zero gradients' noise becomes full steps
 BUFFERS_TOLERANCE = 2e-2
 NOISE_FACTOR = 3  # 1 vs N processes against two 1-process runs that differ only in summation order
+TOLERANCES = {"loss": LOSS_TOLERANCE, "weights": WEIGHTS_TOLERANCE, "buffers": BUFFERS_TOLERANCE}
 
 
 def check_config_for(overrides: list[str], nproc: int, steps: int) -> DictConfig:
@@ -81,16 +83,13 @@ class Differences:
     @property
     def ok(self) -> bool:
         """Within the fixed tolerances (no allowance for a config's own noise)."""
-        return (
-            self.loss <= LOSS_TOLERANCE
-            and self.weights <= WEIGHTS_TOLERANCE
-            and self.buffers <= BUFFERS_TOLERANCE
-        )
+        return all(getattr(self, k) <= t for k, t in TOLERANCES.items())
 
     def within(self, noise: Differences) -> dict[str, bool]:
         """Per kind, whether the difference is within its tolerance or NOISE_FACTOR x this config's noise."""
-        limits = {"loss": LOSS_TOLERANCE, "weights": WEIGHTS_TOLERANCE, "buffers": BUFFERS_TOLERANCE}
-        return {k: getattr(self, k) <= max(t, NOISE_FACTOR * getattr(noise, k)) for k, t in limits.items()}
+        return {
+            k: getattr(self, k) <= max(t, NOISE_FACTOR * getattr(noise, k)) for k, t in TOLERANCES.items()
+        }
 
 
 def compare(init: Path, one: Path, many: Path, parameters: set[str]) -> Differences:
@@ -162,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         d, noise = compare(init, one, many, parameters), compare(init, one, other, parameters)
     within = d.within(noise)
     ok = all(within.values())
-    tolerances = {"loss": LOSS_TOLERANCE, "weights": WEIGHTS_TOLERANCE, "buffers": BUFFERS_TOLERANCE}
     what = {
         "loss": "largest over the steps, relative to the loss",
         "weights": f"over all parameters, relative to their change in training (most in {d.weights_where})",
@@ -170,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"  {'':8} {'1 vs ' + str(args.nproc):>9} {'noise':>9}  (tolerance: the larger of the fixed one and "
           f"{NOISE_FACTOR}x noise)")  # fmt: skip
-    for k in ("loss", "weights", "buffers"):
+    for k in TOLERANCES:
         print(f"  {k:8} {getattr(d, k):9.2e} {getattr(noise, k):9.2e}  {'ok ' if within[k] else 'BAD'} "
-              f"{what[k]}; fixed tolerance {tolerances[k]:g}")  # fmt: skip
-    if any(getattr(noise, k) > t for k, t in tolerances.items()):
+              f"{what[k]}; fixed tolerance {TOLERANCES[k]:g}")  # fmt: skip
+    if not noise.ok:
         print("  this config amplifies float noise (two 1-process runs differ beyond a fixed tolerance): "
               "the check is less sensitive here; fewer --steps sharpen it")  # fmt: skip
     print(f"{'PASS' if ok else 'FAIL'}: {args.nproc} processes train {'like' if ok else 'unlike'} 1 "

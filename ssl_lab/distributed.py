@@ -221,12 +221,12 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def shard(total: int, rank: int | None = None, world: int | None = None) -> range:
-    """This process's contiguous share of `total` rows (ceil(total / world) each, the last ones fewer)."""
-    rank = globals()["rank"]() if rank is None else rank
-    world = world_size() if world is None else world
-    per = -(-total // world)
-    return range(min(rank * per, total), min((rank + 1) * per, total))
+def shard(total: int, process: int | None = None) -> range:
+    """A process's contiguous share of `total` rows (ceil(total / world) each, the last ones fewer);
+    this process's unless `process` says which."""
+    process = rank() if process is None else process
+    per = -(-total // world_size())
+    return range(min(process * per, total), min((process + 1) * per, total))
 
 
 @torch.no_grad()
@@ -234,20 +234,11 @@ def gather_shards(x: torch.Tensor, total: int) -> torch.Tensor:
     """Every process's `shard(total)` rows of a tensor, in order: [total, ...] on every process."""
     if world_size() == 1:
         return x
-    per = -(-total // world_size())
-    padded = x.new_zeros((per, *x.shape[1:]))
+    padded = x.new_zeros((len(shard(total, 0)), *x.shape[1:]))  # the first share is the largest
     padded[: len(x)] = x
     parts = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(parts, padded)
     return torch.cat([part[: len(shard(total, r))] for r, part in enumerate(parts)])
-
-
-def total(x: torch.Tensor) -> torch.Tensor:
-    """The sum of `x` over processes (a copy)."""
-    x = x.detach().clone()
-    if world_size() > 1:
-        dist.all_reduce(x)
-    return x
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -343,13 +334,18 @@ def foreign_batchnorms(module: torch.nn.Module) -> list[tuple[str, type]]:
     ]
 
 
-def mean(x: torch.Tensor) -> torch.Tensor:
-    """The mean of `x` over processes (for logging: each process's loss is over its own rows)."""
+def total(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over processes (a copy on the group's device; `x` itself on one process)."""
     if world_size() == 1:
         return x
     x = x.detach().to(collective_device(), copy=True)
     dist.all_reduce(x)
-    return x / world_size()
+    return x
+
+
+def mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of `x` over processes (for logging: each process's loss is over its own rows)."""
+    return x if world_size() == 1 else total(x) / world_size()
 
 
 def any_rank(flag: bool | torch.Tensor) -> bool:

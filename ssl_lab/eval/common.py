@@ -111,7 +111,17 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] 
 
 def topk(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Top-1 and top-5 accuracy in percent (top-5 is 100 when there are at most 5 classes)."""
-    top1, top5 = topk_accuracy(logits, labels, (1, min(5, logits.shape[1])))
+    return topk_percent(topk_hits(logits, labels, top1_top5(logits.shape[1])), len(labels))
+
+
+def top1_top5(num_classes: int) -> tuple[int, int]:
+    """The k of top-1 and top-5 (top-5 is top-num_classes below 5 classes)."""
+    return 1, min(5, num_classes)
+
+
+def topk_percent(hits: torch.Tensor, n: int) -> dict[str, float]:
+    """`topk_hits` of (1, 5) over `n` rows as top1/top5 percentages."""
+    top1, top5 = (100.0 * h / n for h in hits.tolist())
     return {"top1": top1, "top5": top5}
 
 

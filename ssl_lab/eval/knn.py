@@ -19,7 +19,7 @@ from ssl_lab import distributed
 from ssl_lab.config import PositiveFloat, PositiveInt
 from ssl_lab.data.augment import normalize
 from ssl_lab.data.datasets import DataSplits
-from ssl_lab.eval.common import EvalContext, features, topk, topk_hits
+from ssl_lab.eval.common import EvalContext, features, top1_top5, topk, topk_hits, topk_percent
 
 
 @torch.no_grad()
@@ -65,10 +65,8 @@ def knn_accuracy(
     queries = features(backbone, data.test, data.mean, data.std, rows=rows, **feature_options)
     labels = data.memory.labels.to(bank.device)
     scores = knn_predict(queries, bank, labels, data.num_classes, k, temperature)
-    ks = (1, min(5, data.num_classes))
-    hits = distributed.total(topk_hits(scores, data.test.labels[rows.start : rows.stop], ks))
-    top1, top5 = (100.0 * h / n_queries for h in hits.tolist())
-    return {"top1": top1, "top5": top5}
+    hits = topk_hits(scores, data.test.labels[rows.start : rows.stop], top1_top5(data.num_classes))
+    return topk_percent(distributed.total(hits), n_queries)
 
 
 def half_bank(bank: torch.Tensor) -> torch.Tensor:
