@@ -22,7 +22,7 @@ from ssl_lab import distributed
 from ssl_lab.data.augment import Augment
 from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
-from ssl_lab.optim import build_optimizer
+from ssl_lab.optim import build_optimizer, schedule_step
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
@@ -112,7 +112,8 @@ def sync_batchnorm(model: Method, mode: str, device: torch.device) -> Method:
 
 class TrainStep:
     """One optimisation step as the runner takes it: the method's views of a uint8 batch (`views`),
-    forward under autocast, backward, optimizer step and the method's post-step update (`update`).
+    forward under autocast, backward, the method's hook on the gradients, optimizer step and the
+    method's post-step update (`update`).
     Its state (model, optimizer, scheduler, scaler) is what a checkpoint holds besides the progress."""
 
     def __init__(
@@ -127,14 +128,16 @@ class TrainStep:
         grad_clip: float | None,
         channels_last: bool,
         batch_size: int,
-        total_steps: int,
+        steps_per_epoch: int,
+        epochs: int,
         rank: int = 0,
         world: int = 1,
     ) -> None:
         self.model, self.forward, self.augment = model, forward, augment
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.autocast_dtype, self.grad_clip, self.channels_last = autocast_dtype, grad_clip, channels_last
-        self.batch_size, self.total_steps, self.rank, self.world = batch_size, total_steps, rank, world
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.steps_per_epoch, self.total_steps = max(1, steps_per_epoch), steps_per_epoch * epochs
         self.variants: dict[str, Augment] = {}
 
     def view_augment(self, index: int, changes: dict) -> Augment:
@@ -185,27 +188,30 @@ class TrainStep:
 
         return self.model.views(draw)
 
-    def update(self, views: list[torch.Tensor], step: int) -> torch.Tensor:
-        """Forward (under autocast), backward and update; returns the detached loss (no sync)."""
+    def update(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+        """Forward (under autocast), backward and update; returns the training step's outputs (the loss
+        and any scalars it logs), detached: no sync."""
+        self.model.set_progress(step, self.steps_per_epoch, self.total_steps)
         dtype = self.autocast_dtype
         with torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
-            loss = self.forward(views)["loss"]
+            out = self.forward(views)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(out["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)  # nothing to do unless fp16
+        self.model.after_backward(step, step // self.steps_per_epoch)
         if self.grad_clip:
-            self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.model.after_step(step, self.total_steps)
-        return loss.detach()
+        return {name: value.detach() for name, value in out.items()}
 
     def __call__(
         self, images: torch.Tensor | tuple[torch.Tensor, ...], rng: torch.Generator, step: int
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
         """Step `step` (0-based) on a uint8 batch (or its views' crops) already on the device."""
-        self.scheduler.step_update(step)
+        schedule_step(self.scheduler, step, self.total_steps)
         return self.update(self.views(images, rng), step)
 
     @property
@@ -234,6 +240,7 @@ def build_step(
 ) -> TrainStep:
     """The optimizer (with batch-size lr scaling), the per-step schedule, the fp16 grad scaler, DDP
     (several processes) and torch.compile (trainer.compile) around `model`."""
+    model.check_batch(cfg.batch_size)  # before the runner writes anything
     device = next(model.parameters()).device
     dtype = precision_dtype(cfg.trainer.precision, device)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.batch_size)
@@ -248,5 +255,5 @@ def build_step(
         forward = torch.compile(forward)
     return TrainStep(
         model, forward, augment, optimizer, scheduler, scaler, dtype, cfg.trainer.grad_clip,
-        cfg.trainer.channels_last, cfg.batch_size, steps_per_epoch * cfg.epochs, rank, world,
+        cfg.trainer.channels_last, cfg.batch_size, steps_per_epoch, cfg.epochs, rank, world,
     )  # fmt: skip

@@ -197,6 +197,24 @@ def check_against_signatures(node: DictConfig, prefix: str) -> None:
         except InterpolationResolutionError:  # e.g. eval's logger.job_type=${method.name}: not ours yet
             continue
         check_value(f"{prefix}.{key}", value, hint, parameter.default)
+    if prefix == "method":
+        check_known_keys(node, prefix)
+
+
+def check_known_keys(node: DictConfig, prefix: str) -> None:
+    """A key the method does not take (e.g. a predictor's width on a method without one) is a one-line
+    error naming the ones it does take, not a TypeError from deep inside Hydra."""
+    target = get_object(str(node.get("_target_")))
+    parameters = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = [k for k in node if not str(k).startswith("_") and k not in parameters]
+    if unknown:
+        known = ", ".join(k for k in parameters if k not in ("backbone", "name"))
+        raise UserError(
+            f"{prefix}.{unknown[0]} is not a setting of {prefix}={node.get('name')}; "
+            f"its settings are: {known}"
+        )
 
 
 def parameter_hints(fn: Callable) -> dict[str, tuple[Any, inspect.Parameter]]:

@@ -283,9 +283,9 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     @classmethod
     def convert(cls, module: torch.nn.Module) -> torch.nn.Module:
-        """`module` with every batch norm replaced, parameters and buffers kept (and the state dict's
-        keys): plain BatchNorm{1,2,3}d by this class, timm's BatchNormAct2d by SyncBatchNormAct, which
-        keeps its activation. Other batch norms with a forward of their own must be refused before
+        """`module` with every batch norm replaced, parameters and buffers kept (the state dict's keys
+        too, and which parameters train: a frozen teacher stays frozen): plain BatchNorm{1,2,3}d by this
+        class, timm's BatchNormAct2d by SyncBatchNormAct, which keeps its activation. Other batch norms with a forward of their own must be refused before
         (`foreign_batchnorms`): replacing them would change what the network computes."""
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
             args = (
@@ -300,6 +300,8 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             else:
                 sync = cls(*args)
             sync.load_state_dict(module.state_dict())
+            for name, param in module.named_parameters(recurse=False):
+                sync.get_parameter(name).requires_grad_(param.requires_grad)
             return sync.to(next(module.buffers(), torch.empty(0)).device).train(module.training)
         for name, child in module.named_children():
             module.add_module(name, cls.convert(child))

@@ -56,19 +56,28 @@ REPLACEMENTS = {
 # ---------------------------------------------------------------------------- what is exported
 
 
-def backbone_weights(model_state: Mapping[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
-    """The backbone's own state dict out of a method's: the `backbone.` prefix and any DDP (`module.`)
+def evaluated_prefix(config: Mapping[str, Any]) -> str:
+    """Where the evaluated network's weights are in a run's model state: `backbone.` (the student's),
+    or what the method declares (Method.evaluated, e.g. DINO's `teacher.backbone.`)."""
+    method = get_object(config["method"]["_target_"])
+    return getattr(method, "evaluated", "backbone") + "."
+
+
+def backbone_weights(
+    model_state: Mapping[str, torch.Tensor], source: Path, prefix: str = "backbone."
+) -> dict[str, torch.Tensor]:
+    """The evaluated network's own state dict out of a method's: its `prefix` and any DDP (`module.`)
     or torch.compile (`_orig_mod.`) wrapper stripped; contiguous CPU tensors that share no storage
     (safetensors refuses shared or strided ones; channels_last runs save strided weights)."""
     weights = {}
     for key, value in model_state.items():
         key = unwrapped(key)
-        if key.startswith("backbone."):
-            name = unwrapped(key.removeprefix("backbone."))
+        if key.startswith(prefix):
+            name = unwrapped(key.removeprefix(prefix))
             weights[name] = value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
     if not weights:
         raise UserError(
-            f"{source} holds no backbone weights (no backbone.* keys in its model); "
+            f"{source} holds no backbone weights (no {prefix}* keys in its model); "
             "pass an ssl_lab final.pt or last.pt"
         )
     return weights
@@ -170,8 +179,8 @@ def export(checkpoint: str | Path, out: str | Path | None = None) -> Path:
     out = Path(str(out)).expanduser() if out is not None else path.parent / "export"
     check_new(out)
     state = load_checkpoint(path)
-    weights = backbone_weights(state["model"], path)
     config = state["config"]
+    weights = backbone_weights(state["model"], path, evaluated_prefix(config))
     model, spec = exported_model(config["backbone"])
     try:  # what backbone.json says must take the weights as they are
         model.load_state_dict(weights)
@@ -261,7 +270,7 @@ def load_backbone(path: str | Path) -> nn.Module:
     checkpoint = find_checkpoint(path)
     state = load_checkpoint(checkpoint)
     model = instantiate(state["config"]["backbone"])  # the run's own factory, as it trained
-    model.load_state_dict(backbone_weights(state["model"], checkpoint))
+    model.load_state_dict(backbone_weights(state["model"], checkpoint, evaluated_prefix(state["config"])))
     return model.eval()
 
 

@@ -212,24 +212,27 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
     )  # fmt: skip
     metrics: dict[str, float] = {}
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    window_loss = torch.zeros((), device=device)
+    window: dict[str, torch.Tensor] = {}  # sums of the step's outputs (loss, the method's scalars)
     window_steps, window_start = 0, time.perf_counter()
     for images, _ in loader:
         if isinstance(images, tuple):  # the views' crops
             images = tuple(view.to(device, non_blocking=True) for view in images)
         else:
             images = images.to(device, non_blocking=True)
-        loss = run.step(images, aug_rng, state.step)
+        out = run.step(images, aug_rng, state.step)
         state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
-        nonfinite |= ~torch.isfinite(loss)
-        window_loss += loss
+        nonfinite |= ~torch.isfinite(out["loss"])
+        for name, value in out.items():
+            window[name] = window[name] + value.float() if name in window else value.float()
         window_steps += 1
         bar.update()
         if state.step % cfg.trainer.log_every == 0 or state.batch_in_epoch == steps_per_epoch:
             check_finite(nonfinite, state, run.run_dir, run.writer)
             seconds = time.perf_counter() - window_start
+            names = list(window)  # one collective and one sync for all of them
+            means = distributed.mean(torch.stack([window.pop(n) for n in names]) / window_steps).tolist()
             metrics = {
-                "train/loss": distributed.mean(window_loss / window_steps).item(),
+                **{f"train/{name}": value for name, value in zip(names, means)},
                 "train/lr": run.step.lr,
                 "train/img_per_s": window_steps * batch_size / seconds,
                 "epoch": state.epoch,
@@ -239,7 +242,6 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
                 loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['train/lr']:.3g}",
                 img_s=f"{metrics['train/img_per_s']:.0f}", refresh=False,
             )  # fmt: skip
-            window_loss.zero_()
             window_steps, window_start = 0, time.perf_counter()
             if stop.requested():  # agreed at log steps, where the loop syncs anyway
                 break

@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 # A small, fast composition for tests that train: a tiny timm ResNet on a few hundred images.
 FAST = ["debug=smoke", "backbone=timm", "backbone.name=test_resnet"]
+# Every method option: tests that train, resume, compile and compare 1 with 2 processes iterate over
+# it, so that a new method (one file + one YAML) is covered without editing a test.
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 
 
 def compose_cfg(overrides: list[str], hydra_config: bool = False) -> DictConfig:

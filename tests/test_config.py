@@ -87,7 +87,8 @@ def test_method_and_backbone_instantiate_and_step(method: str, backbone: str) ->
     size = cfg.data.image_size
     x = torch.randn(4, 3, size, size)
     assert model(x).shape == (4, model.num_features)
-    loss = model.training_step([x, x.flip(-1)])["loss"]
+    views = model.views(lambda size=size, **changes: torch.randn(4, 3, size, size))  # the method's own
+    loss = model.training_step(views)["loss"]
     loss.backward()
     assert torch.isfinite(loss)
 
@@ -182,6 +183,11 @@ def test_the_runner_keys_are_structured_configs() -> None:
         (["data.image_size=big"], "data.image_size='big' should be int (got str); e.g. data.image_size=32"),
         (["data.limit_train=0"], "data.limit_train=0 must be at least 1"),
         (["logger=wandb", "logger.mode=onlin"], "logger.mode=onlin is not one of offline, online, disabled"),
+        (
+            ["+method.pred_hidden_dim=512"],
+            "method.pred_hidden_dim is not a setting of method=simclr; its settings are: temperature, "
+            "proj_hidden_dim, proj_output_dim, proj_layers, proj_last_bn, gather_distributed, concat_views",
+        ),
     ],
 )
 def test_types_and_ranges_are_checked_where_the_values_are_defined(

@@ -21,7 +21,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 @pytest.mark.parametrize(
     "args,fragments",
     [
-        (["method=byol"], ["unknown method 'byol'", "nnclr, simclr"]),
+        (["method=byol2"], ["unknown method 'byol2'", "byol, dino, mocov3, nnclr, simclr, simsiam"]),
         (["batch_size=abc"], ["batch_size='abc'", "should be int", "batch_size=256"]),
         (["trainer.devise=cpu"], ["trainer.devise"]),
         (["resume=true"], ["nothing to resume", "last.pt"]),
@@ -40,7 +40,7 @@ def test_bad_input_on_the_command_line(args: list[str], fragments: list[str], wo
 @pytest.mark.parametrize(
     "args,pattern",
     [
-        (["optimizer=lamb"], "unknown optimizer 'lamb'; choose one of: adam, lars, sgd"),
+        (["optimizer=lamb"], "unknown optimizer 'lamb'; choose one of: adam, adamw, lars, sgd"),
         (["epochs=1.5"], r"epochs=1.5 should be int \(got float\)"),
         (["optimizer.base_lr=fast"], "optimizer.base_lr='fast' should be int or float"),
         (["trainer.precision=fp8"], "trainer.precision=fp8 is not one of auto, 32, bf16, 16"),
@@ -52,6 +52,25 @@ def test_bad_input_on_the_command_line(args: list[str], fragments: list[str], wo
             "timm has no model named 'resnet_does_not_exist'",
         ),
         (["batch_size=100000"], "batch_size=100000 is larger than the 256 training images of data=synthetic"),
+        (["method=nnclr", "method.queue_size=16"], "method.queue_size=16 is smaller than batch_size=32"),
+        (
+            ["method=dino", "method.num_local_crops=2"],
+            "method.num_local_crops=2 needs method.local_crop_size",
+        ),
+        (
+            [
+                "method=dino",
+                "method.num_local_crops=2",
+                "method.local_crop_size=16",
+                "method.local_crop_scale=[0.5,1]",
+                "method.global_crop_scale=[0.4,1]",
+            ],
+            r"method.local_crop_scale=\[0.5, 1.0\] lies above method.global_crop_scale=\[0.4, 1.0\]",
+        ),
+        (
+            ["method=simclr", "+method.pred_hidden_dim=64"],
+            "method.pred_hidden_dim is not a setting of method=simclr",
+        ),
         (["trainer.device=cuda:0"], "CUDA is not available" if not torch.cuda.is_available() else "^$"),
     ],
 )

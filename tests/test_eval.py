@@ -22,7 +22,8 @@ from ssl_lab.eval.finetune import balanced_subset, finetune_network, head_layers
 from ssl_lab.eval.linear_fast import train_linear
 from ssl_lab.eval.run import compose_eval, evaluate, load_checkpoint, load_context
 from ssl_lab.loggers import read_metrics
-from ssl_lab.methods.base import mlp
+from ssl_lab.methods.base import Method
+from ssl_lab.methods.parts import mlp
 from ssl_lab.rundir import find_checkpoint
 
 QUIET = [*FAST, "trainer.progress=false"]
@@ -290,10 +291,11 @@ def test_the_supervised_augmentation_is_augments_crop_and_flip() -> None:
 
 
 def test_finetuning_starts_from_the_heads_first_layer_and_a_zero_classifier() -> None:
-    class Pretrained(torch.nn.Module):  # a method's shape: backbone, num_features, projector
+    class Pretrained(Method):  # a method with a projector, evaluated as its backbone
         def __init__(self, projector):
-            super().__init__()
-            self.backbone, self.num_features = torch.nn.Linear(3, 8), 8
+            backbone = torch.nn.Linear(3, 8)
+            backbone.num_features = 8
+            super().__init__(backbone)
             self.projector = projector
 
     simclr_like = Pretrained(mlp([8, 16, 4]))  # Linear-BN-ReLU, Linear

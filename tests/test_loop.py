@@ -1,6 +1,7 @@
-"""The loop asks the method for its views and its post-step update: a method with more than two views
-of different sizes (multi-crop) and a momentum teacher (BYOL, MoCo v3, DINO) trains through the
-unchanged runner, defined in this file alone."""
+"""The loop asks the method for everything method-specific (ssl_lab/methods/base.py): a method with
+more than two views of different sizes (multi-crop), a momentum teacher, a hook on the gradients, its
+own logged scalars, the training progress and its own evaluated network trains through the unchanged
+runner, defined in this file alone."""
 
 import copy
 from pathlib import Path
@@ -84,3 +85,73 @@ def test_the_teacher_follows_the_student_after_each_optimizer_step() -> None:
     step.update(views, 0)
     for t, s in zip(model.teacher.parameters(), nn.Sequential(model.backbone, model.head).parameters()):
         assert torch.equal(t, s)  # momentum 0: the teacher is the student after its update
+
+
+class TeacherEvaluated(MultiCropWithTeacher):
+    """The same, evaluated on its teacher's backbone (as DINO is), logging the progress it reads."""
+
+    evaluated = "teacher.0"
+    grads: list[tuple[int, int, bool]] = []
+
+    def training_step(self, views):
+        return {
+            **super().training_step(views),
+            "progress": self.progress(),
+            "epoch": self.epoch_now().float(),
+        }
+
+    def after_backward(self, step: int, epoch: int) -> None:
+        self.grads.append((step, epoch, all(p.grad is not None for p in self.head.parameters())))
+        self.head.bias.grad = None  # dropped before the optimizer step: the bias must never move
+
+
+def test_the_method_declares_what_is_evaluated_logged_and_done_to_the_gradients(tmp_path: Path) -> None:
+    from ssl_lab.export import export, load_backbone
+    from ssl_lab.loggers import read_metrics
+
+    cfg = compose_cfg([*FAST, "epochs=2", "trainer.channels_last=false", "optimizer=sgd"])
+    with open_dict(cfg):
+        cfg.method = {"_target_": f"{__name__}.TeacherEvaluated", "name": "teacher_evaluated"}
+    TeacherEvaluated.grads.clear()
+    train(cfg, run_dir=tmp_path)
+
+    per_epoch = 256 // 32
+    assert TeacherEvaluated.grads == [(i, i // per_epoch, True) for i in range(2 * per_epoch)]
+    rows = [r for r in read_metrics(tmp_path) if "train/progress" in r]
+    assert rows and all(0 <= r["train/progress"] < 1 and r["train/epoch"] == r["epoch"] for r in rows)
+    assert rows[-1]["train/progress"] > 0.5  # the mean over the last log window of the second epoch
+
+    state = checkpoint.load(tmp_path / "final.pt")["model"]
+    # the bias never moved: its EMA copy, which started equal, still is (lerp towards itself is exact)
+    assert torch.equal(state["head.bias"], state["teacher.1.bias"])
+    assert not torch.equal(state["head.weight"], state["teacher.1.weight"])
+    loaded = load_backbone(export(tmp_path))  # what export and every evaluation read: the teacher
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, state[f"teacher.0.{name}"])
+    assert any(not torch.equal(state[f"teacher.0.{k}"], state[f"backbone.{k}"]) for k in loaded.state_dict())
+    model = TeacherEvaluated(loaded)
+    assert model.encoder is model.teacher[0]
+
+
+class Progressive(Method):
+    """A loss scaled by the training progress: a schedule inside the step, as DINO's teacher temperature."""
+
+    def training_step(self, views):
+        loss = self.backbone(views[0]).mean() * (1 + self.progress())
+        return {"loss": loss, "epoch": self.epoch_now().float()}
+
+
+def test_a_compiled_step_reads_the_progress_without_recompiling() -> None:
+    from torch._dynamo.testing import CompileCounter
+
+    backbone = nn.Linear(4, 4)
+    backbone.num_features = 4
+    model, counter = Progressive(backbone), CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(2, 4)
+    for step in range(6):
+        model.set_progress(step, steps_per_epoch=2, total_steps=6)
+        out = compiled([x, x])
+        torch.testing.assert_close(out["loss"], backbone(x).mean() * (1 + step / 6))
+        assert out["epoch"].item() == step // 2
+    assert counter.frame_count == 1

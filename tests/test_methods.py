@@ -7,13 +7,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import METHODS
 from lightly.loss import NTXentLoss
 from lightly.models.modules import NNMemoryBankModule
 
 from ssl_lab import distributed
 from ssl_lab.methods.base import Method
 from ssl_lab.methods.nnclr import NNCLR, SupportSet, nn_xent
-from ssl_lab.methods.simclr import SimCLR, nt_xent
+from ssl_lab.methods.parts import nt_xent
+from ssl_lab.methods.simclr import SimCLR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -236,7 +238,7 @@ def test_simclr_v2_head_has_three_layers_with_bn_on_each() -> None:
 
 
 def test_every_method_is_one_file_and_one_yaml() -> None:
-    files = {p.stem for p in (ROOT / "ssl_lab" / "methods").glob("*.py")} - {"__init__", "base"}
+    files = {p.stem for p in (ROOT / "ssl_lab" / "methods").glob("*.py")} - {"__init__", "base", "parts"}
     configs = {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")}
     assert files == configs
     import importlib
@@ -274,17 +276,82 @@ def test_the_nearest_neighbour_is_found_in_fp32_under_bf16_autocast() -> None:
     torch.testing.assert_close(found, near)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "nnclr"])
-def test_the_training_step_compiles_without_a_graph_break(method: str) -> None:
-    """fullgraph=True fails on any graph break: on a GPU each one is a host sync in the step."""
+def small_method(method: str) -> tuple[Method, list[torch.Tensor]]:
+    """conf/method/<method>.yaml on a tiny timm ResNet with narrow heads, and the views it asks for."""
     import hydra
     from conftest import compose_cfg
 
-    small = ["method.queue_size=256"] if method == "nnclr" else []
-    cfg = compose_cfg(["backbone=timm", "backbone.name=test_resnet", f"method={method}", *small])
+    cfg = compose_cfg(["backbone=timm", "backbone.name=test_resnet", f"method={method}"])
+    small = {"queue_size": 256, "num_prototypes": 256, "proj_hidden_dim": 64, "pred_hidden_dim": 64}
+    cfg.method.update({k: v for k, v in small.items() if k in cfg.method})
+    torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.method, backbone=hydra.utils.instantiate(cfg.backbone))
-    x = torch.randn(8, 3, 32, 32)
-    loss = torch.compile(model, fullgraph=True)([x, x.flip(-1)])["loss"]
-    loss.backward()
-    assert torch.isfinite(loss)
+    views = model.views(lambda **changes: torch.randn(8, 3, changes.get("size", 32), changes.get("size", 32)))
+    return model, views
+
+
+def one_step(model: Method, forward, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    """What the runner does around a step (epoch = step // 40), without an optimizer."""
+    model.set_progress(step, steps_per_epoch=40, total_steps=400)
+    out = forward(views)
+    out["loss"].backward()
+    model.after_backward(step, step // 40)
+    model.after_step(step, 400)
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_training_step_never_syncs_the_host(method: str, monkeypatch) -> None:
+    """Every method's step and hooks, with the calls that wait for a GPU (.item(), bool(), nonzero(),
+    .tolist()) made to fail: torch 2.14's Dynamo captures an .item() without a graph break, so the
+    compile test below would not see it."""
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("a host sync in the training step")
+
+    model, views = small_method(method)
+    for name in ("item", "__bool__", "nonzero", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_sync)
+    out = one_step(model, model, views, step=3)
+    monkeypatch.undo()
+    assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_the_training_step_compiles_without_a_graph_break(method: str) -> None:
+    """Every method, on the views it asks for: fullgraph=True fails on any graph break, and the
+    progress the runner sets between steps (epoch 0, then 1) must not recompile it. aot_eager:
+    Dynamo's capture and AOTAutograd's tracing without Inductor's code generation (graph breaks are
+    Dynamo's, whatever the backend)."""
+    model, views = small_method(method)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager", dynamic=False)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in (0, 40):
+            out = one_step(model, compiled, views, step)
+            assert torch.isfinite(out["loss"]) and all(v.dim() == 0 for v in out.values())
+
+
+class CountingBackbone(nn.Module):
+    num_features = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(x.shape[0])
+        return x.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("concat,calls", [(True, [8, 12]), (False, [4, 4, 4, 4, 4])])
+def test_views_of_equal_size_share_a_backbone_pass(concat: bool, calls: list[int]) -> None:
+    """Multi-crop: 2 global + 3 local views are 2 passes, not 5; the outputs in view order."""
+    backbone = CountingBackbone()
+    method = Method(backbone, concat_views=concat)
+    views = [torch.randn(4, 3, 8, 8) for _ in range(2)] + [torch.randn(4, 3, 4, 4) for _ in range(3)]
+    out = method.embed_views(views, nn.Identity())
+    assert backbone.calls == calls
+    for view, embedding in zip(views, out):
+        torch.testing.assert_close(embedding, view.mean(dim=(2, 3)))

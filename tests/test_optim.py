@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from ssl_lab.optim import build_optimizer, constant, scaled_lr, warmup_cosine
+from ssl_lab.optim import build_optimizer, constant, scaled_lr, schedule_step, warmup_cosine
 
 
 def small_model() -> nn.Module:
@@ -99,3 +99,81 @@ def test_constant_schedule_with_warmup() -> None:
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs[5] == pytest.approx(0.2)
     assert lrs[10:] == pytest.approx([0.4] * 40)
+
+
+class Declared(nn.Module):
+    """A method's parameter groups with flags (ssl_lab/methods/base.py: param_groups)."""
+
+    def __init__(self, flags: dict) -> None:
+        super().__init__()
+        self.body, self.predictor = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.flags = flags
+
+    def param_groups(self):
+        return [
+            {"params": list(self.body.named_parameters(prefix="body"))},
+            {"params": list(self.predictor.named_parameters(prefix="predictor")), **self.flags},
+        ]
+
+
+def groups_of(model: nn.Module, optimizer: str = "sgd", **overrides) -> tuple[torch.optim.Optimizer, object]:
+    cfg = optimizer_cfg(optimizer, **overrides)
+    opt = build_optimizer(cfg, model, batch_size=256)
+    sched = warmup_cosine(opt, steps_per_epoch=10, epochs=10, warmup_epochs=2)
+    return opt, sched
+
+
+def test_a_fixed_lr_group_is_untouched_by_warmup_and_decay() -> None:
+    """SimSiam's predictor (simsiam #11): the base lr throughout, while the rest warms up and decays."""
+    opt, sched = groups_of(Declared({"fixed_lr": True}))
+    for step in (0, 5, 50, 99):
+        schedule_step(sched, step, 100)
+        lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        model_lr = cosine_lr(step)
+        assert lrs[id(opt.param_groups[0]["params"][0])] == pytest.approx(model_lr, abs=1e-9)
+        assert all(g["lr"] == pytest.approx(0.06) for g in opt.param_groups[2:])
+
+
+def cosine_lr(step: int, peak: float = 0.06, warmup: int = 20, total: int = 100) -> float:
+    if step < warmup:
+        return peak * step / warmup
+    return peak * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) / 2
+
+
+def test_lr_scale_no_decay_and_a_weight_decay_schedule() -> None:
+    opt, sched = groups_of(
+        Declared({"lr_scale": 0.1, "no_decay": True}), weight_decay=0.04, weight_decay_end=0.4
+    )
+    body_bias, body_weight, predictor = opt.param_groups
+    assert len(predictor["params"]) == 2 and predictor["weight_decay"] == 0.0  # weight and bias: no decay
+    schedule_step(sched, 60, 100)
+    assert predictor["lr"] == pytest.approx(0.1 * body_weight["lr"])
+    assert body_weight["weight_decay"] == pytest.approx(
+        0.4 + (0.04 - 0.4) * (1 + math.cos(math.pi * 60 / 99)) / 2
+    )
+    schedule_step(sched, 0, 100)
+    assert body_weight["weight_decay"] == pytest.approx(0.04) and body_bias["weight_decay"] == 0.0
+    schedule_step(sched, 99, 100)
+    assert body_weight["weight_decay"] == pytest.approx(0.4)
+
+
+def test_a_vit_gets_no_weight_decay_on_its_position_embedding_and_tokens() -> None:
+    """timm's no_weight_decay(): what DINO's and MoCo v3's ViT recipes exclude, besides biases and norms."""
+    from ssl_lab.models.backbones import timm_model
+
+    vit = timm_model("vit_tiny_patch16_224", image_size=32, kwargs={"patch_size": 4, "depth": 1})
+    opt, _ = groups_of(vit, "adamw")
+    excluded = {id(p) for p in opt.param_groups[0]["params"]}
+    assert id(vit.pos_embed) in excluded and id(vit.cls_token) in excluded
+    assert id(vit.patch_embed.proj.weight) not in excluded and opt.param_groups[1]["weight_decay"] == 0.04
+
+
+def test_groups_must_hold_each_trainable_parameter_once() -> None:
+    class Missing(Declared):
+        def param_groups(self):
+            return super().param_groups()[:1]
+
+    with pytest.raises(ValueError, match="each trainable parameter once"):
+        groups_of(Missing({}))
+    with pytest.raises(ValueError, match="unknown flags"):
+        groups_of(Declared({"frozen": True}))

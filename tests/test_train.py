@@ -1,6 +1,7 @@
 """The runner end to end: training, run-dir contents, resume after SIGTERM and kill -9, NaN, W&B."""
 
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose_cfg, run_cli, start_cli
+from conftest import FAST, METHODS, compose_cfg, run_cli, start_cli
 
 from ssl_lab import checkpoint
 from ssl_lab.errors import TrainingDiverged
@@ -22,7 +23,7 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in read_metrics(run_dir) if "train/loss" in r]
 
 
-@pytest.mark.parametrize("method", ["simclr", "nnclr"])
+@pytest.mark.parametrize("method", METHODS)
 def test_train_in_process(method: str, tmp_path: Path) -> None:
     cfg = compose_cfg([*FAST, f"method={method}"])
     top1 = train(cfg, run_dir=tmp_path)
@@ -129,7 +130,7 @@ def test_cli_run_dir_and_cfg_job(workdir: Path) -> None:
     shown = run_cli("method=nnclr", "optimizer=lars", "--cfg", "job", cwd=workdir)
     assert shown.returncode == 0 and "nnclr" in shown.stdout and "timm.optim.Lars" in shown.stdout
     helped = run_cli("--help", cwd=workdir)
-    assert helped.returncode == 0 and "method: nnclr, simclr" in helped.stdout
+    assert helped.returncode == 0 and "method: byol, dino, mocov3, nnclr, simclr, simsiam" in helped.stdout
 
 
 def steps_logged(n: int):
@@ -174,6 +175,29 @@ def test_interrupt_and_resume_equals_uninterrupted(how: str, workdir: Path) -> N
     )
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_stopped_run_resumes_exactly(method: str, tmp_path: Path, monkeypatch) -> None:
+    """Every method: stopped mid-epoch (as on a signal) and resumed, it ends where an unstopped run
+    ends, bit for bit: its teacher, queue, centre and any other state travel in last.pt."""
+    from ssl_lab import loop
+    from ssl_lab.errors import Interrupted
+
+    cfg = compose_cfg([*FAST, f"method={method}", "trainer.log_every=3", "monitor.every=0"])
+    train(cfg, run_dir=tmp_path / "reference")
+    asked = itertools.count(1)  # asked at log steps (3, 6, 8) and after the epoch; the 5th: step 9
+    monkeypatch.setattr(loop.Stop, "requested", lambda self: next(asked) >= 5)
+    with pytest.raises(Interrupted):
+        train(cfg, run_dir=tmp_path / "stopped")
+    monkeypatch.undo()
+    assert checkpoint.load(tmp_path / "stopped" / "last.pt")["step"] == 9  # mid-epoch 2 of 8 steps
+    cfg.resume = str(tmp_path / "stopped")
+    train(cfg, run_dir=tmp_path / "stopped")
+    ours, ref = (checkpoint.load(tmp_path / d / "final.pt")["model"] for d in ("stopped", "reference"))
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0, msg=key)
 
 
 def wait_for_glob(root: Path, pattern: str, predicate, timeout: float = 120) -> None:

@@ -27,7 +27,7 @@ from ssl_lab.optim import warmup_cosine
 class EvalContext:
     """A pretrained run, loaded: its model (backbone + heads) and config, the labelled data, the device."""
 
-    model: nn.Module  # the pretraining Method; `model.backbone` is what is evaluated
+    model: nn.Module  # the pretraining Method; `model.encoder` (Method.evaluated) is what is evaluated
     pretrain_config: dict[str, Any]  # the run's resolved config, from the checkpoint
     data: DataSplits
     device: torch.device
@@ -40,7 +40,7 @@ class EvalContext:
 
     @property
     def backbone(self) -> nn.Module:
-        return self.model.backbone
+        return self.model.encoder
 
     def autocast(self) -> torch.autocast:
         dtype = self.autocast_dtype

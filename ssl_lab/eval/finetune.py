@@ -51,12 +51,13 @@ def paper_epochs(label_fraction: float) -> int:
 
 
 def head_layers(model: nn.Module, n: int) -> tuple[nn.Sequential, int]:
-    """A copy of the first `n` hidden layers (Linear-BN-ReLU, up to the n-th ReLU) of the method's
-    projection head `model.projector`, and their output width. n=0: none, the backbone's width."""
+    """A copy of the first `n` hidden layers (Linear-BN-ReLU, up to the n-th activation) of the method's
+    projection head on its evaluated network (`model.encoder_head`), and their output width. n=0: none,
+    the backbone's width."""
     if n == 0:
         return nn.Sequential(), model.num_features
-    layers = list(getattr(model, "projector", None) or [])
-    relus = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU)]
+    layers = list(model.encoder_head or [])
+    relus = [i for i, layer in enumerate(layers) if isinstance(layer, nn.ReLU | nn.GELU)]
     if len(relus) < n:
         raise UserError(
             f"eval.from_head_layer={n}, but the {getattr(model, 'name', 'method')} projection head has "
@@ -74,7 +75,7 @@ def finetune_network(model: nn.Module, from_head_layer: int, num_classes: int) -
     classifier = nn.Linear(width, num_classes)
     nn.init.zeros_(classifier.weight)
     nn.init.zeros_(classifier.bias)
-    backbone = copy.deepcopy(model.backbone)
+    backbone = copy.deepcopy(model.encoder)
     return nn.Sequential(OrderedDict(backbone=backbone, head=head, classifier=classifier))
 
 
@@ -92,7 +93,7 @@ def evaluate(
 ) -> dict[str, float]:
     memory = ctx.data.memory
     labelled = memory.select(balanced_subset(memory.labels, label_fraction, subset_seed))
-    if from_head_layer > 0 and getattr(ctx.model, "projector", None) is None:
+    if from_head_layer > 0 and ctx.model.encoder_head is None:
         print(f"{ctx.model.name} has no projection head: fine-tuning from the backbone", flush=True)
         from_head_layer = 0
     net = finetune_network(ctx.model, from_head_layer, ctx.data.num_classes).to(ctx.device)

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from ssl_lab import distributed
 from ssl_lab.config import PositiveFloat, PositiveInt
-from ssl_lab.methods.base import Method, mlp
-from ssl_lab.methods.simclr import nt_xent
+from ssl_lab.errors import UserError
+from ssl_lab.methods.base import Method
+from ssl_lab.methods.parts import mlp, nt_xent
 
 
 def nn_xent(nn0: torch.Tensor, p1: torch.Tensor, temperature: float, gather: bool = False) -> torch.Tensor:
@@ -80,6 +81,13 @@ class NNCLR(Method):
         )
         self.predictor = mlp([proj_output_dim, pred_hidden_dim, proj_output_dim])
         self.support = SupportSet(queue_size, proj_output_dim)
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size > len(self.support.queue):  # each step adds the whole batch to the queue
+            raise UserError(
+                f"method.queue_size={len(self.support.queue)} is smaller than batch_size={batch_size}, "
+                f"which each step adds to it: set method.queue_size to at least {batch_size}"
+            )
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z0, z1 = self.embed_views(views, self.projector)

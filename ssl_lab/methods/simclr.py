@@ -4,32 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ssl_lab import distributed
 from ssl_lab.config import PositiveFloat, PositiveInt
-from ssl_lab.methods.base import Method, mlp
-
-
-def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float, gather: bool = False) -> torch.Tensor:
-    """Normalised temperature-scaled cross entropy. Row i of z0 and row i of z1 are positives;
-    every other of the 2N embeddings is a negative (the same loss as lightly's NTXentLoss).
-
-    With `gather`, the negatives come from every process: embeddings are gathered with their
-    gradients, and each local row's positive sits at its rank's offset in the gathered batch."""
-    # In fp32 with autocast off: under bf16 the logits at T=0.1 would be resolved to ~0.05.
-    with torch.autocast(z0.device.type, enabled=False):
-        z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
-        n = z0.shape[0]
-        all0, all1 = (
-            (distributed.gather_with_grad(z0), distributed.gather_with_grad(z1)) if gather else (z0, z1)
-        )
-        total = all0.shape[0]
-        rows = torch.arange(n, device=z0.device) + (distributed.rank() * n if gather else 0)
-        logits = torch.cat([z0, z1]) @ torch.cat([all0, all1]).T / temperature  # [2n, 2N]
-        own = torch.cat([rows, rows + total])  # a view is not its own negative
-        logits[torch.arange(2 * n, device=z0.device), own] = float("-inf")
-        return F.cross_entropy(logits, torch.cat([rows + total, rows]))
+from ssl_lab.methods.base import Method
+from ssl_lab.methods.parts import mlp, nt_xent
 
 
 class SimCLR(Method):

@@ -1,0 +1,103 @@
+"""Parts that methods share: heads, losses and the momentum teacher, each small and tested against
+lightly's or a hand-computed value (tests/test_parts.py). Losses are fp32 with autocast off: under bf16
+the logits at T=0.1 would be resolved to ~0.05."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ssl_lab import distributed
+
+# ---------------------------------------------------------------------------- heads
+
+
+def mlp(
+    dims: list[int], last_bn: bool = False, last_affine: bool = True, last_bias: bool = True
+) -> nn.Sequential:
+    """Linear-BN-ReLU blocks through `dims`; the last Linear has no ReLU (and BN only if `last_bn`,
+    without its learnable scale and shift if not `last_affine`: MoCo v3's and SimSiam's projectors).
+    Linears followed by BN have no bias, as in lightly's heads; nor has the last one if not
+    `last_bias` (MoCo v3's predictor without its last BN)."""
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers.append(nn.Linear(d_in, d_out, bias=last and not last_bn and last_bias))
+        if not last or last_bn:
+            layers.append(nn.BatchNorm1d(d_out, affine=not last or last_affine))
+        if not last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float, gather: bool = False) -> torch.Tensor:
+    """Normalised temperature-scaled cross entropy. Row i of z0 and row i of z1 are positives;
+    every other of the 2N embeddings is a negative (the same loss as lightly's NTXentLoss).
+
+    With `gather`, the negatives come from every process: embeddings are gathered with their
+    gradients, and each local row's positive sits at its rank's offset in the gathered batch."""
+    # In fp32 with autocast off: under bf16 the logits at T=0.1 would be resolved to ~0.05.
+    with torch.autocast(z0.device.type, enabled=False):
+        z0, z1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
+        n = z0.shape[0]
+        all0, all1 = (
+            (distributed.gather_with_grad(z0), distributed.gather_with_grad(z1)) if gather else (z0, z1)
+        )
+        total = all0.shape[0]
+        rows = torch.arange(n, device=z0.device) + (distributed.rank() * n if gather else 0)
+        logits = torch.cat([z0, z1]) @ torch.cat([all0, all1]).T / temperature  # [2n, 2N]
+        own = torch.cat([rows, rows + total])  # a view is not its own negative
+        logits[torch.arange(2 * n, device=z0.device), own] = float("-inf")
+        return F.cross_entropy(logits, torch.cat([rows + total, rows]))
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """-cos(p, z) averaged over the batch, `z` detached (the stop-gradient of BYOL and SimSiam);
+    lightly's NegativeCosineSimilarity on (p, z.detach()). BYOL's loss 2 - 2 cos is 2 + 2 x this."""
+    with torch.autocast(p.device.type, enabled=False):
+        return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
+
+
+# ---------------------------------------------------------------------------- momentum teacher
+
+
+def cosine_momentum(step: int, total_steps: int, base: float, end: float = 1.0) -> float:
+    """BYOL's schedule (its eq. before sec. 3.2): tau = end - (end - base) (cos(pi k / K) + 1) / 2 at
+    optimizer step k of K, from `base` at the first step to `end` at the last; lightly's
+    `cosine_schedule`. K is the run's real number of optimizer steps (solo-learn's users saw tau reach
+    1.0 within a few epochs when it was not: solo-learn #248)."""
+    if total_steps <= 1:
+        return end
+    return end - (end - base) * (math.cos(math.pi * step / (total_steps - 1)) + 1) / 2
+
+
+class MomentumTeacher(nn.Module):
+    """Frozen copies of student modules, e.g. `MomentumTeacher({"backbone": b, "projector": p}, 0.99)`
+    (then `teacher.backbone`, `teacher.projector`), moved towards the students after each optimizer
+    step: teacher = tau teacher + (1 - tau) student, on the parameters (buffers, such as batch norm's
+    statistics, are the teacher's own, as in BYOL's, lightly's and solo-learn's code). `momentum`, the
+    last tau, is a buffer: saved with the model, and a method can log it."""
+
+    def __init__(self, students: dict[str, nn.Module], base: float, end: float = 1.0) -> None:
+        super().__init__()
+        for name, module in students.items():
+            self.add_module(name, copy.deepcopy(module))
+        self.requires_grad_(False)
+        self.base, self.end = base, end
+        self.register_buffer("momentum", torch.tensor(float(base)))
+
+    @torch.no_grad()
+    def update(self, students: dict[str, nn.Module], step: int, total_steps: int) -> None:
+        tau = cosine_momentum(step, total_steps, self.base, self.end)
+        teacher = [p for name in students for p in self.get_submodule(name).parameters()]
+        student = [p.detach() for module in students.values() for p in module.parameters()]
+        torch._foreach_mul_(teacher, tau)
+        torch._foreach_add_(teacher, student, alpha=1 - tau)
+        self.momentum.fill_(tau)
