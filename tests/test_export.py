@@ -237,3 +237,31 @@ def test_backbone_weights_strip_wrappers_and_share_no_storage() -> None:
     assert torch.equal(weights["conv.weight"], weight)
     with pytest.raises(UserError, match="no backbone weights"):
         backbone_weights({"projector.weight": shared}, Path("final.pt"))
+
+
+def test_a_dino_vit_exports_its_teacher_for_plain_timm(tmp_path: Path) -> None:
+    """DINO evaluates its teacher: the export holds the teacher's ViT, which plain timm builds from
+    backbone.json and loads from the safetensors file alone, giving the teacher's features (not the
+    student's)."""
+    import timm
+    from safetensors.torch import load_file
+
+    cfg = compose_cfg(["backbone=vit_tiny", "method=dino", "method.num_prototypes=64", "data.image_size=32"])
+    model = build_model(cfg, torch.device("cpu")).eval()
+    with torch.no_grad():  # the teacher apart from the student, as after training
+        for p in model.teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    torch.save(
+        {"model": model.state_dict(), "config": resolved, "epoch": 0, "step": 0}, tmp_path / "final.pt"
+    )
+    out = export(tmp_path / "final.pt", tmp_path / "out")
+    info = json.loads((out / "backbone.json").read_text())
+    plain = timm.create_model(info["model"]["name"], **info["model"]["kwargs"]).eval()
+    plain.load_state_dict(load_file(out / "backbone.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        teacher, student = model.teacher.backbone(x), model.backbone(x)
+        torch.testing.assert_close(plain(x), teacher)
+        torch.testing.assert_close(ssl_lab.load_backbone(out)(x), teacher)
+        assert not torch.allclose(plain(x), student, atol=1e-3)
