@@ -10,7 +10,7 @@
 
 Everything is built by the runner's own builder (ssl_lab/build.py) from the composed train config, so
 the figures are those of the step that trains.
-img/s counts source images per second; each gives two augmented views. Figures are medians of
+img/s counts source images per second; each gives the method's views (two, or multi-crop's). Figures are medians of
 `--steps` timed steps after `--warmup` ones, the pipelines taking turns (in brackets: the range over
 steps; a wide one says the run was disturbed); the reference's are means, as its workers deliver
 batches in bursts. Timings on shared machines are noisy: compare the figures of one run, not of
@@ -118,12 +118,17 @@ def report(
 
 class PerSampleViews(torch.utils.data.Dataset):
     """lightly's examples' way: each image to PIL (held in memory, or decoded from its file), torchvision
-    transforms twice, in DataLoader workers."""
+    transforms once per view of the method (each view's own settings: multi-crop's small crops too), in
+    DataLoader workers."""
 
-    def __init__(self, images: ImageSet, augment: Augment) -> None:
+    def __init__(self, images: ImageSet, augments: list[Augment]) -> None:
+        self.images = images
+        self.transforms = [self.transform(a) for a in augments]
+
+    @staticmethod
+    def transform(a: Augment) -> Callable:
         from torchvision import transforms as T
 
-        self.images, a = images, augment
         ops = [
             T.RandomResizedCrop(a.size, scale=a.crop_scale, ratio=a.crop_ratio),
             T.RandomHorizontalFlip(a.flip_p),
@@ -134,17 +139,17 @@ class PerSampleViews(torch.utils.data.Dataset):
             ops.append(T.RandomApply([T.GaussianBlur(a.blur_kernel, a.blur_sigma)], p=a.blur_p))
         if a.solarize_p:
             ops.append(T.RandomSolarize(a.solarize_threshold, p=a.solarize_p))
-        self.transform = T.Compose([*ops, T.ToTensor(), T.Normalize(a.mean, a.std)])
+        return T.Compose([*ops, T.ToTensor(), T.Normalize(a.mean, a.std)])
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         if self.images.images is None:
             image = open_rgb(self.images.files[i])
         else:
             image = Image.fromarray(self.images.images[i].permute(1, 2, 0).numpy())
-        return self.transform(image), self.transform(image)
+        return tuple(transform(image) for transform in self.transforms)
 
 
 def forever(epoch: Callable[[int], Iterator]) -> Iterator:
@@ -201,21 +206,23 @@ def measure(
     decoded = data.train.images is None  # ssl_lab's batches come from decoding workers too
     images = to_device(next(loader)[0], device)
     fixed = step.views(images, rng)
+    sizes = [f"{v.shape[-1]} px" for v in fixed]
+    print("  views: " + ", ".join(f"{sizes.count(s)} x {s}" for s in dict.fromkeys(sizes)), flush=True)
 
     def full_step(i: int) -> None:  # the runner's loop body (ssl_lab/loop.py)
         step(to_device(next(loader)[0], device), rng, i)
 
     reference = torch.utils.data.DataLoader(
-        PerSampleViews(data.train, step.augment), batch_size=b, shuffle=True, drop_last=True,
+        PerSampleViews(data.train, step.view_augments()), batch_size=b, shuffle=True, drop_last=True,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
     )  # fmt: skip
     views = forever(lambda _: iter(reference))
 
     def reference_step(i: int) -> None:
-        view0, view1 = (v.to(device, non_blocking=True) for v in next(views))
+        batch = [v.to(device, non_blocking=True) for v in next(views)]
         if channels_last:
-            view0, view1 = (v.contiguous(memory_format=torch.channels_last) for v in (view0, view1))
-        step.update([view0, view1], i)
+            batch = [v.contiguous(memory_format=torch.channels_last) for v in batch]
+        step.update(batch, i)
 
     # The in-process pipelines take turns step by step. Those fed by workers cannot (the workers would
     # prepare batches while the others run), so they take turns with the others block by block: each
@@ -329,8 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.variants_only:
         compare_variants(args.overrides, args.steps, args.warmup, not args.no_compile)
         return
-    print(f"  img/s = source images/s (2 views each): median of {args.steps} steps after {args.warmup} "
-          "warm-up (range over steps)")  # fmt: skip
+    print(f"  img/s = source images/s (each gives the views below): median of {args.steps} steps after "
+          f"{args.warmup} warm-up (range over steps)")  # fmt: skip
     rates = {}
     times, pipelined = measure(cfg, args.steps, args.warmup, args.workers)
     for name, seconds in times.items():

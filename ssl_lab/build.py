@@ -150,18 +150,17 @@ class TrainStep:
             self.variants[key] = augment.variant(**changes).to(self.augment.mean_t.device)
         return self.variants[key]
 
+    def view_augments(self) -> list[Augment]:
+        """The augmentation of each of the method's views, in order (Method.views with its changes)."""
+        drawn = itertools.count()
+        augments: list[Augment] = []
+        self.model.views(lambda **changes: augments.append(self.view_augment(next(drawn), changes)))
+        return augments
+
     def crop_plan(self) -> list[tuple[tuple[float, float], tuple[float, float], int]]:
         """Each view's (crop_scale, crop_ratio, size): what decoding workers need to crop the views of
         large images from the full decoded image (data sets not held in memory)."""
-        drawn = itertools.count()
-        plan = []
-
-        def record(**changes) -> None:
-            augment = self.view_augment(next(drawn), changes)
-            plan.append((augment.crop_scale, augment.crop_ratio, augment.size))
-
-        self.model.views(record)
-        return plan
+        return [(a.crop_scale, a.crop_ratio, a.size) for a in self.view_augments()]
 
     def views(
         self, images: torch.Tensor | tuple[torch.Tensor, ...], rng: torch.Generator

@@ -26,6 +26,29 @@ def test_bench_prints_the_four_figures_and_the_ratios():
     assert "test_resnet" in result.stdout and "batch 16" in result.stdout
 
 
+def test_bench_follows_the_methods_views():
+    """Multi-crop: every pipeline makes the method's views (2 global + 2 local), the reference too, one
+    torchvision transform per view with that view's size and crop scale."""
+    from ssl_lab import bench
+
+    args = ["backbone=resnet_tiny", "batch_size=8", "data.limit_train=32", "method=dino",
+            "method.num_prototypes=64", "method.num_local_crops=2", "method.local_crop_size=16",
+            "method.global_crop_scale=[0.4,1.0]"]  # fmt: skip
+    result = run_cli(
+        *args, "--steps", "1", "--warmup", "1", "--workers", "0", cwd=ROOT, module="ssl_lab.bench"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "views: 2 x 32 px, 2 x 16 px" in result.stdout
+    assert any(line.strip().startswith("reference (per-sample PIL)") for line in result.stdout.splitlines())
+
+    cfg = bench.compose_config(args)
+    step = bench.build_step(cfg, bench.pick_device("cpu"))
+    dataset = bench.PerSampleViews(bench.load_data(cfg).train, step.view_augments())
+    assert [tuple(v.shape) for v in dataset[0]] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    crops = [t.transforms[0] for t in dataset.transforms]
+    assert [(c.size, c.scale) for c in crops] == [((32, 32), (0.4, 1.0))] * 2 + [((16, 16), (0.05, 0.4))] * 2
+
+
 def test_bench_times_a_set_decoded_from_files_with_its_decoding_workers(tmp_path):
     """Images larger than image_size (ImageNet's case) are cropped by decoding workers: the bench times
     that path as the runner takes it, and the workers' share alone ("ssl_lab data path alone")."""
