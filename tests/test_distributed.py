@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import FAST, METHODS, compose_cfg, run_cli, start_cli
+from conftest import FAST, METHODS, compose_cfg, method_args, run_cli, start_cli
 
 from ssl_lab import checkpoint
 from ssl_lab.build import build_model
@@ -185,7 +185,7 @@ def test_every_method_passes_check_ddp(method: str, tmp_path: Path) -> None:
     """python -m ssl_lab.check_ddp on 2 processes for 3 steps: the method's distributed parts (gathered
     negatives or keys, the queue every process fills alike, DINO's centre from the global batch, batch
     norm over the global batch, the teacher's update) give what 1 process gives."""
-    result = run_cli(*FAST, "--steps", "3", f"method={method}", cwd=tmp_path, module="ssl_lab.check_ddp")
+    result = run_cli(*FAST, "--steps", "3", *method_args(method), cwd=tmp_path, module="ssl_lab.check_ddp")
     assert result.returncode == 0 and "PASS: 2 processes train like 1" in result.stdout, (
         result.stdout + result.stderr[-2000:]
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose_cfg, run_cli
+from conftest import FAST, METHODS, compose_cfg, run_cli
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -21,7 +21,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 @pytest.mark.parametrize(
     "args,fragments",
     [
-        (["method=byol2"], ["unknown method 'byol2'", "byol, dino, mocov3, nnclr, simclr, simsiam"]),
+        (["method=byol2"], ["unknown method 'byol2'", ", ".join(METHODS)]),
         (["batch_size=abc"], ["batch_size='abc'", "should be int", "batch_size=256"]),
         (["trainer.devise=cpu"], ["trainer.devise"]),
         (["resume=true"], ["nothing to resume", "last.pt"]),

@@ -279,11 +279,9 @@ def test_the_nearest_neighbour_is_found_in_fp32_under_bf16_autocast() -> None:
 def small_method(method: str) -> tuple[Method, list[torch.Tensor]]:
     """conf/method/<method>.yaml on a tiny timm ResNet with narrow heads, and the views it asks for."""
     import hydra
-    from conftest import compose_cfg
+    from conftest import compose_cfg, method_args
 
-    cfg = compose_cfg(["backbone=timm", "backbone.name=test_resnet", f"method={method}"])
-    small = {"queue_size": 256, "num_prototypes": 256, "proj_hidden_dim": 64, "pred_hidden_dim": 64}
-    cfg.method.update({k: v for k, v in small.items() if k in cfg.method})
+    cfg = compose_cfg(["backbone=timm", "backbone.name=test_resnet", *method_args(method)])
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.method, backbone=hydra.utils.instantiate(cfg.backbone))
     views = model.views(lambda **changes: torch.randn(8, 3, changes.get("size", 32), changes.get("size", 32)))
