@@ -11,13 +11,7 @@ import torch.nn.functional as F
 from ssl_lab import distributed
 from ssl_lab.config import PositiveFloat, PositiveInt
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.parts import mlp
-
-
-def off_diagonal_squares(c: torch.Tensor) -> torch.Tensor:
-    """The sum of the squares of a square matrix's off-diagonal entries, without a boolean mask (a mask's
-    indexing syncs the host on a GPU)."""
-    return c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+from ssl_lab.methods.parts import mlp, off_diagonal_squares
 
 
 def barlow_twins_loss(

@@ -13,7 +13,7 @@ from ssl_lab import distributed
 from ssl_lab.config import PositiveFloat, PositiveInt
 from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.parts import mlp, nt_xent
+from ssl_lab.methods.parts import Queue, mlp, nt_xent
 
 
 def nn_xent(nn0: torch.Tensor, p1: torch.Tensor, temperature: float, gather: bool = False) -> torch.Tensor:
@@ -31,14 +31,8 @@ def nn_xent(nn0: torch.Tensor, p1: torch.Tensor, temperature: float, gather: boo
         return F.cross_entropy(nn0 @ all_p1.T / temperature, rows)
 
 
-class SupportSet(nn.Module):
-    """A FIFO queue of embeddings; a buffer, so it travels in checkpoints."""
-
-    def __init__(self, size: int, dim: int) -> None:
-        super().__init__()
-        # Random unit vectors until filled, as in lightly and solo-learn.
-        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+class SupportSet(Queue):
+    """NNCLR's support set: a FIFO queue of embeddings (parts.Queue) searched for nearest neighbours."""
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
@@ -46,13 +40,6 @@ class SupportSet(nn.Module):
         with torch.autocast(z.device.type, enabled=False):  # fp32: bf16 would blur the nearest
             sim = F.normalize(z.float(), dim=1) @ F.normalize(self.queue, dim=1).T
         return self.queue[sim.argmax(dim=1)]
-
-    @torch.no_grad()
-    def push(self, z: torch.Tensor) -> None:
-        size, n = self.queue.shape[0], z.shape[0]
-        idx = (self.ptr + torch.arange(n, device=z.device)) % size
-        self.queue[idx] = z.detach().to(self.queue.dtype)
-        self.ptr.copy_((self.ptr + n) % size)
 
 
 class NNCLR(Method):

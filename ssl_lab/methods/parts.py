@@ -65,6 +65,35 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return -F.cosine_similarity(p.float(), z.detach().float(), dim=1).mean()
 
 
+def off_diagonal_squares(c: torch.Tensor) -> torch.Tensor:
+    """The sum of the squares of a square matrix's off-diagonal entries, without a boolean mask (a mask's
+    indexing syncs the host on a GPU): Barlow Twins' and VICReg's redundancy terms."""
+    return c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+
+
+# ---------------------------------------------------------------------------- queues
+
+
+class Queue(nn.Module):
+    """A FIFO queue of `size` embeddings (NNCLR's support set, MoCo's negatives); buffers, so it travels
+    in checkpoints. Random unit vectors until filled, as in lightly, solo-learn and MoCo's code. Every
+    process pushes the keys of every process (gathered), so all hold the same queue whatever their
+    number."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, z: torch.Tensor) -> None:
+        """Overwrite the oldest entries with z's rows, on the device: no host sync."""
+        size, n = self.queue.shape[0], z.shape[0]
+        idx = (self.ptr + torch.arange(n, device=z.device)) % size
+        self.queue[idx] = z.detach().to(self.queue.dtype)
+        self.ptr.copy_((self.ptr + n) % size)
+
+
 # ---------------------------------------------------------------------------- momentum teacher
 
 

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 
 from ssl_lab import distributed
 from ssl_lab.config import NonNegativeFloat, PositiveFloat, PositiveInt
-from ssl_lab.methods.barlowtwins import off_diagonal_squares
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.parts import mlp
+from ssl_lab.methods.parts import mlp, off_diagonal_squares
 
 
 def variance_term(z: torch.Tensor, eps: float) -> torch.Tensor:

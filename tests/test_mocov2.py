@@ -1,0 +1,106 @@
+"""MoCo v2 / v2+ (ssl_lab/methods/mocov2.py): the loss against lightly's NTXentLoss with a memory bank
+and a hand-computed case, the queues (filled after the loss, with every process's keys), the teacher
+and the symmetric variant."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightly.loss import NTXentLoss
+
+from ssl_lab import distributed
+from ssl_lab.errors import UserError
+from ssl_lab.methods.mocov2 import MoCoV2, moco_queue_xent
+
+
+class FlatBackbone(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.num_features = dim
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def small_mocov2(**kwargs) -> MoCoV2:
+    torch.manual_seed(0)
+    kwargs = {"proj_hidden_dim": 32, "proj_output_dim": 8, "queue_size": 64, **kwargs}
+    return MoCoV2(FlatBackbone(16), **kwargs)
+
+
+@pytest.mark.parametrize("batch,dim,size,temperature", [(4, 8, 16, 0.2), (16, 32, 128, 0.07), (3, 2, 5, 1.0)])
+def test_the_loss_is_lightlys_moco_loss(batch: int, dim: int, size: int, temperature: float) -> None:
+    """lightly's NTXentLoss with a memory bank is MoCo's loss: [q.k+, q.bank] / T, the positive first."""
+    torch.manual_seed(batch)
+    q, k = torch.randn(batch, dim, requires_grad=True), torch.randn(batch, dim)
+    queue = F.normalize(torch.randn(size, dim), dim=1)
+    ours = moco_queue_xent(q, k, queue, temperature)
+    criterion = NTXentLoss(temperature=temperature, memory_bank_size=(size, dim))
+    criterion.memory_bank.bank = queue.clone()
+    reference = criterion(q, k)
+    torch.testing.assert_close(ours, reference)
+    (g_ours,) = torch.autograd.grad(ours, q)
+    (g_ref,) = torch.autograd.grad(reference, q)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_the_loss_hand_computed() -> None:
+    """A query equal to its key, orthogonal to both queued keys, T=1: -log(e / (e + 2))."""
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    queue = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert moco_queue_xent(q, q.clone(), queue, 1.0).item() == pytest.approx(
+        math.log(math.e + 2) - 1, abs=1e-6
+    )
+
+
+def test_the_queue_takes_the_keys_after_the_loss_read_it() -> None:
+    model = small_mocov2()
+    before = model.queues[0].queue.clone()
+    views = [torch.randn(6, 16), torch.randn(6, 16)]
+    k1 = model.teacher.projector(model.teacher.backbone(views[1]))
+    loss = model.training_step(views)["loss"]
+    q0 = model.projector(model.backbone(views[0]))
+    torch.testing.assert_close(loss, moco_queue_xent(q0, k1, before, 0.2))  # the queue as it was
+    torch.testing.assert_close(model.queues[0].queue[:6], F.normalize(k1, dim=1))  # then view 1's keys
+    torch.testing.assert_close(model.queues[0].queue[6:], before[6:])
+    assert model.queues[0].ptr.item() == 6 and len(model.queues) == 1
+
+
+def test_every_process_pushes_every_processs_keys(monkeypatch) -> None:
+    """The queue is the same on every process whatever their number: the pushed keys are gathered."""
+    model = small_mocov2()
+    other = torch.randn(6, 8)
+    monkeypatch.setattr(distributed, "gather", lambda x: torch.cat([x, other]))
+    model.training_step([torch.randn(6, 16), torch.randn(6, 16)])
+    torch.testing.assert_close(model.queues[0].queue[6:12], other)
+    assert model.queues[0].ptr.item() == 12
+
+
+def test_symmetric_is_the_mean_of_both_directions_each_with_its_own_queue() -> None:
+    model = small_mocov2(symmetric=True)
+    queues = [q.queue.clone() for q in model.queues]
+    views = [torch.randn(6, 16), torch.randn(6, 16)]
+    k0, k1 = (model.teacher.projector(model.teacher.backbone(v)) for v in views)
+    q0, q1 = (model.projector(model.backbone(v)) for v in views)
+    expected = (moco_queue_xent(q0, k1, queues[0], 0.2) + moco_queue_xent(q1, k0, queues[1], 0.2)) / 2
+    torch.testing.assert_close(model.training_step(views)["loss"], expected)
+    torch.testing.assert_close(model.queues[0].queue[:6], F.normalize(k1, dim=1))
+    torch.testing.assert_close(model.queues[1].queue[:6], F.normalize(k0, dim=1))
+
+
+def test_the_teacher_follows_with_the_cosine_schedule_and_gets_no_gradient() -> None:
+    model = small_mocov2(momentum_base=0.99, momentum_end=0.999)
+    model.training_step([torch.randn(6, 16), torch.randn(6, 16)])["loss"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    model.after_step(0, 10)
+    assert model.teacher.momentum.item() == pytest.approx(0.99)
+    model.after_step(9, 10)
+    assert model.teacher.momentum.item() == pytest.approx(0.999)
+
+
+def test_a_queue_smaller_than_the_batch_is_refused() -> None:
+    with pytest.raises(UserError, match="method.queue_size=64 is smaller than batch_size=128"):
+        small_mocov2().check_batch(128)
