@@ -22,7 +22,7 @@ and one YAML in conf/method/; the runner, the optimizer builder and the evaluati
   in the method: the student's `backbone`, or DINO's `teacher.backbone`; `evaluated_head` the
   projection head that fine-tuning may start from (eval.from_head_layer).
 
-Shared parts (losses, heads, the momentum teacher) are in ssl_lab/methods/parts.py.
+Shared parts (losses, heads, queues, the momentum teacher) are in ssl_lab/methods/parts.py.
 """
 
 from __future__ import annotations
