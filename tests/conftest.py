@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,6 +32,23 @@ SMALL_HEADS = {
     "proj_hidden_dim": 64, "proj_output_dim": 32, "pred_hidden_dim": 64, "bottleneck_dim": 32,
     "num_prototypes": 256, "queue_size": 256,
 }  # fmt: skip
+
+
+class FlatBackbone(nn.Module):
+    """A stand-in backbone for method tests: flat inputs (images are flattened) go straight into the
+    heads; `scaled` gives it one weight per feature (ones at init) so that a momentum teacher has a
+    parameter to follow. Records each call's input shape (views of equal size share a pass)."""
+
+    def __init__(self, dim: int, scaled: bool = False) -> None:
+        super().__init__()
+        self.num_features = dim
+        self.scale = nn.Parameter(torch.ones(dim)) if scaled else None
+        self.calls: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(x.shape))
+        x = x.flatten(1)
+        return x if self.scale is None else x * self.scale
 
 
 def method_args(method: str) -> list[str]:

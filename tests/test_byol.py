@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import FAST, compose_cfg
+from conftest import FAST, FlatBackbone, compose_cfg
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import update_momentum
@@ -19,20 +19,10 @@ from ssl_lab.methods.byol import BYOL, byol_loss
 from ssl_lab.methods.parts import cosine_momentum
 
 
-class FlatBackbone(nn.Module):
-    """Identity on flat inputs, with one weight so that the teacher has a backbone to follow."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.num_features = dim
-        self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
-
-
 def small_byol(**kwargs) -> BYOL:
-    return BYOL(FlatBackbone(16), proj_hidden_dim=32, proj_output_dim=8, pred_hidden_dim=24, **kwargs)
+    return BYOL(
+        FlatBackbone(16, scaled=True), proj_hidden_dim=32, proj_output_dim=8, pred_hidden_dim=24, **kwargs
+    )
 
 
 def layers(module: nn.Module) -> list[tuple]:
@@ -92,7 +82,7 @@ def test_the_loss_hand_computed() -> None:
 
 
 def test_the_heads_are_lightlys_byol_heads() -> None:
-    model = BYOL(FlatBackbone(512))  # the paper's defaults: 4096 -> 256, predictor 4096
+    model = BYOL(FlatBackbone(512, scaled=True))  # the paper's defaults: 4096 -> 256, predictor 4096
     assert layers(model.projector) == layers(BYOLProjectionHead(512, 4096, 256).layers)
     assert layers(model.predictor) == layers(BYOLPredictionHead(256, 4096, 256).layers)
     kinds = [type(m) for m in model.projector]

@@ -7,8 +7,7 @@ import math
 import hydra
 import pytest
 import torch
-import torch.nn as nn
-from conftest import compose_cfg
+from conftest import FlatBackbone, compose_cfg
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 
@@ -17,24 +16,10 @@ from ssl_lab.errors import UserError
 from ssl_lab.methods.dino import DINO, DINOHead, dino_loss, update_center
 
 
-class FlatBackbone(nn.Module):
-    """A scaled identity on flat inputs (the teacher has a weight to follow); counts its calls."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.num_features = dim
-        self.scale = nn.Parameter(torch.ones(dim))
-        self.calls: list[tuple[int, ...]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append(tuple(x.shape))
-        return x.flatten(1) * self.scale
-
-
 def small_dino(**kwargs) -> DINO:
     torch.manual_seed(0)
     kwargs = {"proj_hidden_dim": 32, "bottleneck_dim": 8, "num_prototypes": 64, **kwargs}
-    return DINO(FlatBackbone(16), **kwargs)
+    return DINO(FlatBackbone(16, scaled=True), **kwargs)
 
 
 @pytest.mark.parametrize("n_student", [2, 6])

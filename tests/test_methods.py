@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import METHODS
+from conftest import METHODS, FlatBackbone
 from lightly.loss import NTXentLoss
 from lightly.models.modules import NNMemoryBankModule
 
@@ -18,17 +18,6 @@ from ssl_lab.methods.parts import nt_xent
 from ssl_lab.methods.simclr import SimCLR
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class FlatBackbone(nn.Module):
-    """Identity on flat inputs: lets tests feed embeddings straight into the heads."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.num_features = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 @pytest.mark.parametrize("batch,dim,temperature", [(2, 3, 0.5), (16, 128, 0.1), (64, 32, 0.2)])

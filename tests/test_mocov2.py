@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from conftest import FlatBackbone
 from lightly.loss import NTXentLoss
 
 from ssl_lab import distributed
@@ -15,20 +15,10 @@ from ssl_lab.errors import UserError
 from ssl_lab.methods.mocov2 import MoCoV2, moco_queue_xent
 
 
-class FlatBackbone(nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.num_features = dim
-        self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
-
-
 def small_mocov2(**kwargs) -> MoCoV2:
     torch.manual_seed(0)
     kwargs = {"proj_hidden_dim": 32, "proj_output_dim": 8, "queue_size": 64, **kwargs}
-    return MoCoV2(FlatBackbone(16), **kwargs)
+    return MoCoV2(FlatBackbone(16, scaled=True), **kwargs)
 
 
 @pytest.mark.parametrize("batch,dim,size,temperature", [(4, 8, 16, 0.2), (16, 32, 128, 0.07), (3, 2, 5, 1.0)])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import compose_cfg
+from conftest import FlatBackbone, compose_cfg
 from lightly.loss import NTXentLoss
 from lightly.models.modules import BYOLPredictionHead, MoCoProjectionHead
 from lightly.models.utils import update_momentum
@@ -16,17 +16,6 @@ from lightly.utils.scheduler import cosine_schedule
 
 from ssl_lab import distributed
 from ssl_lab.methods.mocov3 import MoCoV3, moco_xent
-
-
-class FlatBackbone(nn.Module):
-    """Identity on flat inputs: lets tests feed embeddings straight into the heads."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.num_features = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 def official_ctr(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -7,24 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from conftest import FAST, compose_cfg
+from conftest import FAST, FlatBackbone, compose_cfg
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
 
 from ssl_lab.build import build_model, build_step
 from ssl_lab.methods.simsiam import SimSiam
 from ssl_lab.optim import schedule_step
-
-
-class FlatBackbone(nn.Module):
-    """Identity on flat inputs: lets tests feed embeddings straight into the heads."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.num_features = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 def small_simsiam(**kwargs) -> SimSiam:
