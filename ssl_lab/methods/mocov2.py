@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from ssl_lab import distributed
 from ssl_lab.config import PositiveFloat, PositiveInt, Probability
-from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
 from ssl_lab.methods.parts import MomentumTeacher, Queue
 
@@ -68,12 +67,7 @@ class MoCoV2(Method):
         self.queues = nn.ModuleList(Queue(queue_size, proj_output_dim) for _ in range(1 + symmetric))
 
     def check_batch(self, batch_size: int) -> None:
-        size = len(self.queues[0].queue)
-        if batch_size > size:  # each step replaces batch_size keys of the queue
-            raise UserError(
-                f"method.queue_size={size} is smaller than batch_size={batch_size}, which each step adds "
-                f"to it: set method.queue_size to at least {batch_size} (MoCo v2: 65536)"
-            )
+        self.queues[0].check_batch(batch_size)  # each step replaces batch_size keys of each queue
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         q0, q1 = self.embed_views(views, self.projector)

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from ssl_lab import distributed
 from ssl_lab.config import PositiveFloat, PositiveInt
-from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
 from ssl_lab.methods.parts import Queue, mlp, nt_xent
 
@@ -70,11 +69,7 @@ class NNCLR(Method):
         self.support = SupportSet(queue_size, proj_output_dim)
 
     def check_batch(self, batch_size: int) -> None:
-        if batch_size > len(self.support.queue):  # each step adds the whole batch to the queue
-            raise UserError(
-                f"method.queue_size={len(self.support.queue)} is smaller than batch_size={batch_size}, "
-                f"which each step adds to it: set method.queue_size to at least {batch_size}"
-            )
+        self.support.check_batch(batch_size)  # each step adds the whole batch to the support set
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z0, z1 = self.embed_views(views, self.projector)

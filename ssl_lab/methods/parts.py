@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssl_lab import distributed
+from ssl_lab.errors import UserError
 
 # ---------------------------------------------------------------------------- heads
 
@@ -84,6 +85,15 @@ class Queue(nn.Module):
         super().__init__()
         self.register_buffer("queue", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def check_batch(self, batch_size: int) -> None:
+        """A UserError if the keys of one step (the global batch) do not fit: they would overwrite each
+        other. Called from the method's check_batch, before the run writes anything."""
+        if batch_size > len(self.queue):
+            raise UserError(
+                f"method.queue_size={len(self.queue)} is smaller than batch_size={batch_size}, which each "
+                f"step adds to it: set method.queue_size to at least {batch_size}"
+            )
 
     @torch.no_grad()
     def push(self, z: torch.Tensor) -> None:
