@@ -24,6 +24,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -254,10 +255,11 @@ def measure(
     return times, pipelined
 
 
-def syncs_per_step(cfg: DictConfig, steps: int, warmup: int) -> float | None:
-    """Host syncs per full step on CUDA (torch.cuda.set_sync_debug_mode counts each as a warning);
-    None on CPU, where nothing waits for a device."""
+def syncs_per_step(cfg: DictConfig, steps: int, warmup: int) -> tuple[float, str] | None:
+    """Host syncs per full step on CUDA (torch.cuda.set_sync_debug_mode warns at each) and where they
+    happen ("file:line xN", most first); None on CPU, where nothing waits for a device."""
     import warnings
+    from collections import Counter
 
     device = pick_device(cfg.trainer.device)
     if device.type != "cuda":
@@ -274,7 +276,9 @@ def syncs_per_step(cfg: DictConfig, steps: int, warmup: int) -> float | None:
                 step(to_device(next(loader)[0], device), rng, i)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught) / steps
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    return len(syncs) / steps, ", ".join(f"{at} x{n}" for at, n in where.most_common(4))
 
 
 def compare_variants(overrides: list[str], steps: int, warmup: int, compile_too: bool) -> None:
@@ -348,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  full / reference               {full / rates['reference (per-sample PIL)']:7.2f}x")
     if args.syncs:
         syncs = syncs_per_step(cfg, args.steps, args.warmup)
-        shown = "n/a on CPU" if syncs is None else f"{syncs:.1f} (torch.cuda.set_sync_debug_mode)"
+        shown = (
+            "n/a on CPU" if syncs is None else f"{syncs[0]:.1f} (torch.cuda.set_sync_debug_mode) {syncs[1]}"
+        )
         print(f"  host syncs per full step       {shown}")
     if args.variants:
         compare_variants(args.overrides, args.steps, args.warmup, not args.no_compile)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import METHODS, FlatBackbone
 from lightly.loss import NTXentLoss
 from lightly.models.modules import NNMemoryBankModule
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssl_lab import distributed
 from ssl_lab.methods.base import Method
@@ -287,11 +288,30 @@ def one_step(model: Method, forward, views: list[torch.Tensor], step: int) -> di
     return out
 
 
+class NoTensorsFromPythonData(TorchDispatchMode):
+    """Fails on aten.lift_fresh: a tensor made from Python numbers, which on a GPU is copied from the host."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default):
+            raise AssertionError("a tensor made from Python data in the training step (a host-to-GPU copy)")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_spy_sees_a_tensor_made_from_python_data() -> None:
+    x = torch.zeros(3, 3)
+    with NoTensorsFromPythonData():
+        x.masked_fill(torch.eye(3, dtype=torch.bool), float("-inf"))  # a scalar argument: no copy
+        with pytest.raises(AssertionError, match="Python data"):
+            x[torch.arange(3), torch.arange(3)] = float("-inf")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_the_training_step_never_syncs_the_host(method: str, monkeypatch) -> None:
     """Every method's step and hooks, with the calls that wait for a GPU (.item(), bool(), nonzero(),
     .tolist()) made to fail: torch 2.14's Dynamo captures an .item() without a graph break, so the
-    compile test below would not see it."""
+    compile test below would not see it. And no tensor made from Python data (`torch.tensor(...)`,
+    `x[i] = float(...)`: aten.lift_fresh): on a GPU it is a copy from the host that syncs it, as
+    NT-Xent's `logits[rows, own] = -inf` did twice a step on an H200 (benchmarks/README.md)."""
 
     def host_sync(*args, **kwargs):
         raise AssertionError("a host sync in the training step")
@@ -299,7 +319,8 @@ def test_the_training_step_never_syncs_the_host(method: str, monkeypatch) -> Non
     model, views = small_method(method)
     for name in ("item", "__bool__", "nonzero", "tolist"):
         monkeypatch.setattr(torch.Tensor, name, host_sync)
-    out = one_step(model, model, views, step=3)
+    with NoTensorsFromPythonData():
+        out = one_step(model, model, views, step=3)
     monkeypatch.undo()
     assert torch.isfinite(out["loss"])
 

@@ -54,8 +54,10 @@ def nt_xent(z0: torch.Tensor, z1: torch.Tensor, temperature: float, gather: bool
         total = all0.shape[0]
         rows = torch.arange(n, device=z0.device) + (distributed.rank() * n if gather else 0)
         logits = torch.cat([z0, z1]) @ torch.cat([all0, all1]).T / temperature  # [2n, 2N]
-        own = torch.cat([rows, rows + total])  # a view is not its own negative
-        logits[torch.arange(2 * n, device=z0.device), own] = float("-inf")
+        own = torch.cat([rows, rows + total])  # a view is not its own negative: masked by comparison,
+        # not by indexed assignment (whose Python-scalar value is copied to the GPU and syncs the host)
+        own_column = torch.arange(2 * total, device=z0.device) == own[:, None]
+        logits = logits.masked_fill(own_column, float("-inf"))
         return F.cross_entropy(logits, torch.cat([rows + total, rows]))
 
 
