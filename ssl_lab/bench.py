@@ -38,6 +38,7 @@ from ssl_lab.data.augment import Augment
 from ssl_lab.data.datasets import DataSplits, ImageSet, open_rgb
 from ssl_lab.data.loader import batches, crop_seed, epoch_order
 from ssl_lab.errors import run_reporting_errors
+from ssl_lab.methods.base import Draw
 
 # The speed goal's setting (benchmarks/README.md). The ImageNet stem: with the CIFAR stem (the runner's
 # default at 32 px) ResNet-18's step runs at ~18 img/s on 2 CPU cores, not ~350, 15 s per 256 batch.
@@ -207,7 +208,7 @@ def measure(
     decoded = data.train.images is None  # ssl_lab's batches come from decoding workers too
     images = to_device(next(loader)[0], device)
     fixed = step.views(images, rng)
-    sizes = [f"{v.shape[-1]} px" for v in fixed]
+    sizes = [f"{a.size} px" for a in step.view_augments()]
     print("  views: " + ", ".join(f"{sizes.count(s)} x {s}" for s in dict.fromkeys(sizes)), flush=True)
 
     def full_step(i: int) -> None:  # the runner's loop body (ssl_lab/loop.py)
@@ -223,7 +224,9 @@ def measure(
         batch = [v.to(device, non_blocking=True) for v in next(views)]
         if channels_last:
             batch = [v.contiguous(memory_format=torch.channels_last) for v in batch]
-        step.update(batch, i)
+        ready = iter(batch)  # the method's views in its own order, with what else it asks (MAE's noise)
+        noise = lambda *shape: torch.rand(b, *shape, device=device)  # noqa: E731
+        step.update(step.model.views(Draw(lambda **changes: next(ready), noise)), i)
 
     # The in-process pipelines take turns step by step. Those fed by workers cannot (the workers would
     # prepare batches while the others run), so they take turns with the others block by block: each

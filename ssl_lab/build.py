@@ -21,7 +21,7 @@ from timm.scheduler.scheduler import Scheduler
 from ssl_lab import distributed
 from ssl_lab.data.augment import Augment
 from ssl_lab.errors import UserError
-from ssl_lab.methods.base import Method
+from ssl_lab.methods.base import Draw, Method
 from ssl_lab.optim import build_optimizer, schedule_step
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
@@ -154,7 +154,8 @@ class TrainStep:
         """The augmentation of each of the method's views, in order (Method.views with its changes)."""
         drawn = itertools.count()
         augments: list[Augment] = []
-        self.model.views(lambda **changes: augments.append(self.view_augment(next(drawn), changes)))
+        count = Draw(lambda **changes: augments.append(self.view_augment(next(drawn), changes)), torch.empty)
+        self.model.views(count)
         return augments
 
     def crop_plan(self) -> list[tuple[tuple[float, float], tuple[float, float], int]]:
@@ -185,7 +186,13 @@ class TrainStep:
             view = augment.apply(source, params, cropped=cropped)
             return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
 
-        return self.model.views(draw)
+        def noise(*shape: int) -> torch.Tensor:  # drawn for the global batch and sliced, as the views
+            device = (images[0] if cropped else images).device
+            u = torch.rand(self.batch_size, *shape, generator=rng, device=device)
+            local = self.batch_size // self.world
+            return u[self.rank * local : (self.rank + 1) * local] if self.world > 1 else u
+
+        return self.model.views(Draw(draw, noise))
 
     def update(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """Forward (under autocast), backward and update; returns the training step's outputs (the loss

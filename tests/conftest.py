@@ -30,8 +30,10 @@ METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 # prototypes cost minutes a run on a 2-core CPU (Barlow Twins' 8192 x 3 projector: ~140M parameters).
 SMALL_HEADS = {
     "proj_hidden_dim": 64, "proj_output_dim": 32, "pred_hidden_dim": 64, "bottleneck_dim": 32,
-    "num_prototypes": 256, "queue_size": 256,
+    "num_prototypes": 256, "queue_size": 256, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2,
 }  # fmt: skip
+# Methods that need another backbone than FAST's ResNet: a small timm ViT (64 wide) with 8 px patches.
+BACKBONES = {"mae": ["backbone.name=test_vit", "++backbone.kwargs.patch_size=8"]}
 
 
 class FlatBackbone(nn.Module):
@@ -52,9 +54,11 @@ class FlatBackbone(nn.Module):
 
 
 def method_args(method: str) -> list[str]:
-    """`method=<method>` and the SMALL_HEADS overrides of the settings it has."""
+    """`method=<method>`, the SMALL_HEADS overrides of the settings it has, and the backbone it needs
+    (after FAST's, which they override)."""
     settings = OmegaConf.load(CONF / "method" / f"{method}.yaml")
-    return [f"method={method}", *(f"method.{k}={v}" for k, v in SMALL_HEADS.items() if k in settings)]
+    small = [f"method.{k}={v}" for k, v in SMALL_HEADS.items() if k in settings]
+    return [f"method={method}", *small, *BACKBONES.get(method, [])]
 
 
 def compose_cfg(overrides: list[str], hydra_config: bool = False) -> DictConfig:

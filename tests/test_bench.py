@@ -49,6 +49,20 @@ def test_bench_follows_the_methods_views():
     assert [(c.size, c.scale) for c in crops] == [((32, 32), (0.4, 1.0))] * 2 + [((16, 16), (0.05, 0.4))] * 2
 
 
+def test_bench_gives_mae_its_one_view_and_its_mask_noise():
+    """MAE's views are one image and per-patch noise: the bench lists one view, and the per-sample
+    reference gets the noise from the method's own views() as the runner does."""
+    args = ["backbone=timm", "backbone.name=test_vit", "++backbone.kwargs.patch_size=8", "batch_size=8",
+            "data.limit_train=32", "method=mae", "method.decoder_dim=32", "method.decoder_depth=1",
+            "method.decoder_heads=2"]  # fmt: skip
+    result = run_cli(
+        *args, "--steps", "1", "--warmup", "1", "--workers", "0", cwd=ROOT, module="ssl_lab.bench"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "views: 1 x 32 px" in result.stdout
+    assert any(line.strip().startswith("reference (per-sample PIL)") for line in result.stdout.splitlines())
+
+
 def test_bench_times_a_set_decoded_from_files_with_its_decoding_workers(tmp_path):
     """Images larger than image_size (ImageNet's case) are cropped by decoding workers: the bench times
     that path as the runner takes it, and the workers' share alone ("ssl_lab data path alone")."""

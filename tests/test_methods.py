@@ -13,7 +13,7 @@ from lightly.models.modules import NNMemoryBankModule
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssl_lab import distributed
-from ssl_lab.methods.base import Method
+from ssl_lab.methods.base import Draw, Method
 from ssl_lab.methods.nnclr import NNCLR, SupportSet, nn_xent
 from ssl_lab.methods.parts import nt_xent
 from ssl_lab.methods.simclr import SimCLR
@@ -274,7 +274,9 @@ def small_method(method: str) -> tuple[Method, list[torch.Tensor]]:
     cfg = compose_cfg(["backbone=timm", "backbone.name=test_resnet", *method_args(method)])
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.method, backbone=hydra.utils.instantiate(cfg.backbone))
-    views = model.views(lambda **changes: torch.randn(8, 3, changes.get("size", 32), changes.get("size", 32)))
+    views = model.views(
+        Draw(lambda size=32, **changes: torch.randn(8, 3, size, size), lambda *shape: torch.rand(8, *shape))
+    )
     return model, views
 
 

@@ -4,6 +4,9 @@ and one YAML in conf/method/; the runner, the optimizer builder and the evaluati
 - `views(draw)`: the augmented views of a batch, global views first, then local views of one size
   (SimCLR: two; DINO with multi-crop: `[draw(), draw(), *(draw(size=96, crop_scale=(0.05, 0.4))
   for _ in range(6))]`). Views of equal size go through the backbone together (`per_view`).
+  `draw.noise(*shape)` gives per-sample uniform noise [batch, *shape] from the same random stream
+  (MAE's masks: `[draw(), draw.noise(num_patches)]`), so that it too is the same for a sample
+  whatever the number of processes, and a resumed run continues it.
 - `training_step(views)`: `{"loss": ..., **scalars}`; every other scalar (detached) is logged as
   `train/<name>`. The training progress is in tensors (`progress_step`, `epoch_now()`,
   `progress()`), so a compiled step reads it without recompiling: Python numbers that change each
@@ -32,6 +35,24 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+
+class Draw:
+    """What `Method.views` receives: `draw(**changes)` one view of the batch, `draw.noise(*shape)`
+    uniform noise in [0, 1) of shape [batch, *shape]."""
+
+    def __init__(
+        self, view: Callable[..., torch.Tensor], noise: Callable[..., torch.Tensor] | None = None
+    ) -> None:
+        self.view, self._noise = view, noise
+
+    def __call__(self, **changes) -> torch.Tensor:
+        return self.view(**changes)
+
+    def noise(self, *shape: int) -> torch.Tensor:
+        if self._noise is None:
+            raise TypeError("this draw gives no noise")
+        return self._noise(*shape)
 
 
 class Method(nn.Module):
