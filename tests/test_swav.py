@@ -181,8 +181,11 @@ def test_the_method_on_two_processes_equals_one(monkeypatch) -> None:
     monkeypatch.setattr(distributed, "total", group.total)
     monkeypatch.setattr(distributed, "gather", group.gather)
 
+    # built here, not in the threads: both would seed and draw from torch's one global generator at once
+    models = [small_swav(queue_size=21, epoch_queue_starts=0).eval() for _ in range(2)]
+
     def on_rank(rank: int):
-        model, losses = small_swav(queue_size=21, epoch_queue_starts=0).eval(), []
+        model, losses = models[rank], []
         for step in range(steps):
             model.set_progress(step, 1, steps)
             losses.append(model.training_step([v[rank * 4 : (rank + 1) * 4] for v in batches[step]])["loss"])
