@@ -12,9 +12,8 @@ import torch.nn.functional as F
 
 from ssl_lab import distributed
 from ssl_lab.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
-from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.parts import MomentumTeacher
+from ssl_lab.methods.parts import MomentumTeacher, MultiCrop
 
 
 class Prototypes(nn.Linear):
@@ -101,14 +100,6 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     center.mul_(momentum).add_(batch_center.to(center.device), alpha=1 - momentum)
 
 
-def crop_scale(key: str, value: Sequence[float] | None) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
-        raise UserError(f"method.{key}={list(value)} must be [min, max] with 0 < min <= max <= 1")
-    return float(value[0]), float(value[1])
-
-
 class DINO(Method):
     name = "dino"
     evaluated = "teacher.backbone"  # DINO's paper and code evaluate the teacher (lightly #1471, DINO #44)
@@ -147,11 +138,14 @@ class DINO(Method):
         )
         self.center_momentum, self.freeze_last_layer = center_momentum, freeze_last_layer
         self.clip_grad = clip_grad
-        self.num_local_crops, self.local_crop_size = num_local_crops, local_crop_size
-        self.local_crop_scale = crop_scale("local_crop_scale", local_crop_scale)
-        self.global_crop_scale = crop_scale("global_crop_scale", global_crop_scale)
-        if num_local_crops:
-            self.check_local_crops(backbone)
+        self.crops = MultiCrop(
+            backbone,
+            num_local_crops,
+            local_crop_size,
+            local_crop_scale,
+            global_crop_scale,
+            ("DINO", "0.05-0.4 and 0.4-1"),
+        )
         self.head = DINOHead(
             self.num_features, proj_hidden_dim, bottleneck_dim, num_prototypes, proj_layers,
             use_bn_in_head, norm_last_layer,
@@ -164,29 +158,9 @@ class DINO(Method):
                 module.drop_prob = 0.0
         self.register_buffer("center", torch.zeros(1, num_prototypes))  # saved: a resume restores it
 
-    def check_local_crops(self, backbone: nn.Module) -> None:
-        if self.local_crop_size is None:
-            raise UserError(
-                f"method.num_local_crops={self.num_local_crops} needs method.local_crop_size, the local "
-                "crops' side in pixels (DINO: 96 for 224 px images; e.g. 16 for 32 px)"
-            )
-        local, glob = self.local_crop_scale, self.global_crop_scale
-        if glob is not None and (local[0] > glob[0] or local[1] > glob[1]):
-            raise UserError(
-                f"method.local_crop_scale={list(local)} lies above method.global_crop_scale={list(glob)}: "
-                "local crops are the smaller ones (DINO: 0.05-0.4 and 0.4-1)"
-            )
-        if getattr(backbone, "dynamic_img_size", None) is False:  # a timm ViT with a fixed input grid
-            raise UserError(
-                f"method.num_local_crops={self.num_local_crops}: this backbone takes one image size only; "
-                "use backbone.kwargs.dynamic_img_size=true (timm interpolates the position embedding)"
-            )
-
     def views(self, draw: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
         """Two global views, then `num_local_crops` local ones of one size (one backbone pass)."""
-        glob = {} if self.global_crop_scale is None else {"crop_scale": self.global_crop_scale}
-        local = {"size": self.local_crop_size, "crop_scale": self.local_crop_scale}
-        return [draw(**glob), draw(**glob), *(draw(**local) for _ in range(self.num_local_crops))]
+        return self.crops.views(draw)
 
     def teacher_temperature(self) -> torch.Tensor:
         """Linear from warmup_teacher_temp to teacher_temp over the first warmup_teacher_temp_epochs

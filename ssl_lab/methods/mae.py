@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ssl_lab.config import PositiveInt, Probability
 from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.dino import crop_scale as check_crop_scale
+from ssl_lab.methods.parts import crop_scale as check_crop_scale
 
 
 def sincos_pos_embed(dim: int, grid: tuple[int, int], prefix_tokens: int = 0) -> torch.Tensor:

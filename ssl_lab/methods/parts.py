@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -142,3 +143,58 @@ class MomentumTeacher(nn.Module):
         torch._foreach_mul_(teacher, tau)
         torch._foreach_add_(teacher, student, alpha=1 - tau)
         self.momentum.fill_(tau)
+
+
+# ---------------------------------------------------------------------------- multi-crop
+
+
+def crop_scale(key: str, value: Sequence[float] | None) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if len(value) != 2 or not 0 < value[0] <= value[1] <= 1:
+        raise UserError(f"method.{key}={list(value)} must be [min, max] with 0 < min <= max <= 1")
+    return float(value[0]), float(value[1])
+
+
+class MultiCrop:
+    """Multi-crop views (DINO, SwAV): two global views, then `num_local` local ones of `local_size` px
+    (one backbone pass), their settings checked once, at construction. `paper` names the paper and its
+    settings in the errors (e.g. "DINO", "0.05-0.4 and 0.4-1")."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_local: int,
+        local_size: int | None,
+        local_scale: Sequence[float],
+        global_scale: Sequence[float] | None,
+        paper: tuple[str, str],
+    ) -> None:
+        self.num_local, self.local_size = num_local, local_size
+        self.local_scale = crop_scale("local_crop_scale", local_scale)
+        self.global_scale = crop_scale("global_crop_scale", global_scale)
+        if num_local:
+            self.check(backbone, *paper)
+
+    def check(self, backbone: nn.Module, name: str, scales: str) -> None:
+        if self.local_size is None:
+            raise UserError(
+                f"method.num_local_crops={self.num_local} needs method.local_crop_size, the local "
+                f"crops' side in pixels ({name}: 96 for 224 px images; e.g. 16 for 32 px)"
+            )
+        local, glob = self.local_scale, self.global_scale
+        if glob is not None and (local[0] > glob[0] or local[1] > glob[1]):
+            raise UserError(
+                f"method.local_crop_scale={list(local)} lies above method.global_crop_scale={list(glob)}: "
+                f"local crops are the smaller ones ({name}: {scales})"
+            )
+        if getattr(backbone, "dynamic_img_size", None) is False:  # a timm ViT with a fixed input grid
+            raise UserError(
+                f"method.num_local_crops={self.num_local}: this backbone takes one image size only; "
+                "use backbone.kwargs.dynamic_img_size=true (timm interpolates the position embedding)"
+            )
+
+    def views(self, draw: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        glob = {} if self.global_scale is None else {"crop_scale": self.global_scale}
+        local = {"size": self.local_size, "crop_scale": self.local_scale}
+        return [draw(**glob), draw(**glob), *(draw(**local) for _ in range(self.num_local))]

@@ -16,8 +16,7 @@ from ssl_lab import distributed
 from ssl_lab.config import NonNegativeInt, PositiveFloat, PositiveInt
 from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.dino import crop_scale
-from ssl_lab.methods.parts import mlp
+from ssl_lab.methods.parts import MultiCrop, mlp
 
 
 @torch.no_grad()
@@ -127,11 +126,14 @@ class SwAV(Method):
         self.temperature, self.epsilon, self.iterations = temperature, sinkhorn_epsilon, sinkhorn_iterations
         self.queue_size, self.epoch_queue_starts = queue_size, epoch_queue_starts
         self.freeze_prototypes_epochs = freeze_prototypes_epochs
-        self.num_local_crops, self.local_crop_size = num_local_crops, local_crop_size
-        self.local_crop_scale = crop_scale("local_crop_scale", local_crop_scale)
-        self.global_crop_scale = crop_scale("global_crop_scale", global_crop_scale)
-        if num_local_crops:
-            self.check_local_crops(backbone)
+        self.crops = MultiCrop(
+            backbone,
+            num_local_crops,
+            local_crop_size,
+            local_crop_scale,
+            global_crop_scale,
+            ("SwAV", "0.05-0.14 and 0.14-1"),
+        )
         self.projector = mlp([self.num_features, proj_hidden_dim, proj_output_dim])
         self.prototypes = nn.Linear(proj_output_dim, num_prototypes, bias=False)
         self.normalize_prototypes()
@@ -140,24 +142,6 @@ class SwAV(Method):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
             # the rows pushed so far, at most queue_size: the queue joins Sinkhorn when it reaches it
             self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
-
-    def check_local_crops(self, backbone: nn.Module) -> None:
-        if self.local_crop_size is None:
-            raise UserError(
-                f"method.num_local_crops={self.num_local_crops} needs method.local_crop_size, the local "
-                "crops' side in pixels (SwAV: 96 for 224 px images; e.g. 16 for 32 px)"
-            )
-        local, glob = self.local_crop_scale, self.global_crop_scale
-        if glob is not None and (local[0] > glob[0] or local[1] > glob[1]):
-            raise UserError(
-                f"method.local_crop_scale={list(local)} lies above method.global_crop_scale={list(glob)}: "
-                "local crops are the smaller ones (SwAV: 0.05-0.14 and 0.14-1)"
-            )
-        if getattr(backbone, "dynamic_img_size", None) is False:  # a timm ViT with a fixed input grid
-            raise UserError(
-                f"method.num_local_crops={self.num_local_crops}: this backbone takes one image size only; "
-                "use backbone.kwargs.dynamic_img_size=true (timm interpolates the position embedding)"
-            )
 
     def check_batch(self, batch_size: int) -> None:
         if self.queue_size and batch_size > self.queue_size:  # one step's pushes would overwrite each other
@@ -168,9 +152,7 @@ class SwAV(Method):
 
     def views(self, draw: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
         """Two global views, then `num_local_crops` local ones of one size (one backbone pass)."""
-        glob = {} if self.global_crop_scale is None else {"crop_scale": self.global_crop_scale}
-        local = {"size": self.local_crop_size, "crop_scale": self.local_crop_scale}
-        return [draw(**glob), draw(**glob), *(draw(**local) for _ in range(self.num_local_crops))]
+        return self.crops.views(draw)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         projected = self.embed_views(views, self.projector)
