@@ -72,11 +72,16 @@ def compose_config(overrides: list[str]) -> DictConfig:
     return cfg
 
 
-def build_step(cfg: DictConfig, device: torch.device, steps_per_epoch: int = 1) -> TrainStep:
-    """The runner's step of a new model, from the runner's builder."""
+def build_step(
+    cfg: DictConfig, device: torch.device, steps_per_epoch: int = 1, num_classes: int = 0
+) -> TrainStep:
+    """The runner's step of a new model, from the runner's builder (with the online linear probe when
+    given the data's `num_classes`, as the runner builds it for labelled data)."""
     torch.manual_seed(cfg.seed)
     model = build.build_model(cfg, device)
-    return build.build_step(cfg, model, instantiate(cfg.augment).to(device), steps_per_epoch)
+    return build.build_step(
+        cfg, model, instantiate(cfg.augment).to(device), steps_per_epoch, num_classes=num_classes
+    )
 
 
 def counted(fn: Callable[[int], object]) -> Callable[[], object]:
@@ -183,7 +188,8 @@ def training_inputs(
     runner's loop draws them: from memory, or for a set decoded from files, each view cropped from the
     full image by `workers` (default trainer.num_workers) persistent decoding workers."""
     data = load_data(cfg)
-    step = build_step(cfg, device, len(data.train) // cfg.batch_size)
+    labelled = data.memory is not None and data.train.labels is not None
+    step = build_step(cfg, device, len(data.train) // cfg.batch_size, data.num_classes if labelled else 0)
     rng = torch.Generator(device).manual_seed(cfg.seed)
     crops = step.crop_plan() if data.train.images is None else None
     loader = forever(
@@ -206,13 +212,17 @@ def measure(
     channels_last = cfg.trainer.channels_last
     data, step, rng, loader = training_inputs(cfg, device, workers)
     decoded = data.train.images is None  # ssl_lab's batches come from decoding workers too
-    images = to_device(next(loader)[0], device)
+    images, labels = next(loader)
+    images, labels = to_device(images, device), labels if labels is None else labels.to(device)
     fixed = step.views(images, rng)
     sizes = [f"{a.size} px" for a in step.view_augments()]
-    print("  views: " + ", ".join(f"{sizes.count(s)} x {s}" for s in dict.fromkeys(sizes)), flush=True)
+    print("  views: " + ", ".join(f"{sizes.count(s)} x {s}" for s in dict.fromkeys(sizes))
+          + f"; online linear probe {'on' if step.probe is not None else 'off'} (monitor.online_linear)",
+          flush=True)  # fmt: skip
 
     def full_step(i: int) -> None:  # the runner's loop body (ssl_lab/loop.py)
-        step(to_device(next(loader)[0], device), rng, i)
+        images, labels = next(loader)
+        step(to_device(images, device), rng, i, labels)
 
     reference = torch.utils.data.DataLoader(
         PerSampleViews(data.train, step.view_augments()), batch_size=b, shuffle=True, drop_last=True,
@@ -226,7 +236,7 @@ def measure(
             batch = [v.contiguous(memory_format=torch.channels_last) for v in batch]
         ready = iter(batch)  # the method's views in its own order, with what else it asks (MAE's noise)
         noise = lambda *shape: torch.rand(b, *shape, device=device)  # noqa: E731
-        step.update(step.model.views(Draw(lambda **changes: next(ready), noise)), i)
+        step.update(step.model.views(Draw(lambda **changes: next(ready), noise)), i, labels)
 
     # The in-process pipelines take turns step by step. Those fed by workers cannot (the workers would
     # prepare batches while the others run), so they take turns with the others block by block: each
@@ -234,7 +244,7 @@ def measure(
     # whole turns of them.
     settle, turn = warmup + 2 * workers, max(1, workers)
     in_process = {"augment alone": lambda: step.views(images, rng),
-                  "model step alone": counted(lambda i: step.update(fixed, i))}  # fmt: skip
+                  "model step alone": counted(lambda i: step.update(fixed, i, labels))}  # fmt: skip
     if decoded:
         own = (({"ssl_lab data path alone": lambda: next(loader)}, settle, turn),
                ({"full ssl_lab step": counted(full_step)}, settle, turn))  # fmt: skip
@@ -269,14 +279,16 @@ def syncs_per_step(cfg: DictConfig, steps: int, warmup: int) -> tuple[float, str
         return None
     _, step, rng, loader = training_inputs(cfg, device)
     for i in range(warmup):
-        step(to_device(next(loader)[0], device), rng, i)
+        images, labels = next(loader)
+        step(to_device(images, device), rng, i, labels)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for i in range(warmup, warmup + steps):
-                step(to_device(next(loader)[0], device), rng, i)
+                images, labels = next(loader)
+                step(to_device(images, device), rng, i, labels)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]

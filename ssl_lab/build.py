@@ -9,6 +9,7 @@ build through here, so that what the bench measures is what trains.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 
@@ -21,8 +22,9 @@ from timm.scheduler.scheduler import Scheduler
 from ssl_lab import distributed
 from ssl_lab.data.augment import Augment
 from ssl_lab.errors import UserError
+from ssl_lab.eval.online_linear import OnlineLinear
 from ssl_lab.methods.base import Draw, Method
-from ssl_lab.optim import build_optimizer, schedule_step
+from ssl_lab.optim import build_optimizer, scaled_lr, schedule_step
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
@@ -132,8 +134,9 @@ class TrainStep:
         epochs: int,
         rank: int = 0,
         world: int = 1,
+        probe: OnlineLinear | None = None,
     ) -> None:
-        self.model, self.forward, self.augment = model, forward, augment
+        self.model, self.forward, self.augment, self.probe = model, forward, augment, probe
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.autocast_dtype, self.grad_clip, self.channels_last = autocast_dtype, grad_clip, channels_last
         self.batch_size, self.rank, self.world = batch_size, rank, world
@@ -194,12 +197,17 @@ class TrainStep:
 
         return self.model.views(Draw(draw, noise))
 
-    def update(self, views: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """Forward (under autocast), backward and update; returns the training step's outputs (the loss
-        and any scalars it logs), detached: no sync."""
+    def update(
+        self, views: list[torch.Tensor], step: int, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Forward (under autocast), backward and update, then the online linear probe's step on the
+        forward's features when there is one and `labels`; returns the training step's outputs (the
+        loss, any scalars it logs, the probe's), detached: no sync."""
         self.model.set_progress(step, self.steps_per_epoch, self.total_steps)
         dtype = self.autocast_dtype
-        with torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
+        probing = self.probe is not None and labels is not None
+        capture = self.probe.capture() if probing else contextlib.nullcontext()
+        with capture, torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
             out = self.forward(views)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()
@@ -211,26 +219,37 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.model.after_step(step, self.total_steps)
-        return {name: value.detach() for name, value in out.items()}
+        out = {name: value.detach() for name, value in out.items()}
+        if probing:
+            out |= self.probe.step(labels, views[0], step, self.total_steps, dtype)
+        return out
 
     def __call__(
-        self, images: torch.Tensor | tuple[torch.Tensor, ...], rng: torch.Generator, step: int
+        self,
+        images: torch.Tensor | tuple[torch.Tensor, ...],
+        rng: torch.Generator,
+        step: int,
+        labels: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Step `step` (0-based) on a uint8 batch (or its views' crops) already on the device."""
+        """Step `step` (0-based) on a uint8 batch (or its views' crops) already on the device; `labels`
+        (-1: none) train the online linear probe, if the step has one."""
         schedule_step(self.scheduler, step, self.total_steps)
-        return self.update(self.views(images, rng), step)
+        return self.update(self.views(images, rng), step, labels)
 
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
+        if self.probe is not None:
+            state["online_linear"] = self.probe.state_dict()
+        return state
 
     def load_state_dict(self, state: dict, schedule: bool = True) -> None:
         """Without `schedule` the lr schedule keeps the new run's (e.g. a resume with other epochs)."""
@@ -239,13 +258,22 @@ class TrainStep:
         if schedule:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.probe is not None and "online_linear" in state:  # else: a run saved without one
+            self.probe.load_state_dict(state["online_linear"])
 
 
 def build_step(
-    cfg: DictConfig, model: Method, augment: Augment, steps_per_epoch: int, rank: int = 0, world: int = 1
+    cfg: DictConfig,
+    model: Method,
+    augment: Augment,
+    steps_per_epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    num_classes: int = 0,
 ) -> TrainStep:
     """The optimizer (with batch-size lr scaling), the per-step schedule, the fp16 grad scaler, DDP
-    (several processes) and torch.compile (trainer.compile) around `model`."""
+    (several processes) and torch.compile (trainer.compile) around `model`; the online linear probe
+    (monitor.online_linear) when the data has `num_classes` labels."""
     model.check_batch(cfg.batch_size)  # before the runner writes anything
     device = next(model.parameters()).device
     dtype = precision_dtype(cfg.trainer.precision, device)
@@ -257,9 +285,17 @@ def build_step(
     forward: Callable = model  # Method.forward([views]) is the training step
     if world > 1:  # through the wrapper, which syncs gradients
         forward = distributed.data_parallel(model, device)
+    probe = None
+    if cfg.monitor.online_linear and num_classes:  # before torch.compile, which traces its hook
+        probe = OnlineLinear(
+            model.encoder, model.num_features, num_classes,
+            scaled_lr(cfg.monitor.online_linear_lr, cfg.batch_size, "linear"),
+            lambda opt: instantiate(cfg.scheduler, optimizer=opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs),
+            seed=cfg.seed,
+        )  # fmt: skip
     if cfg.trainer.compile:
         forward = torch.compile(forward)
     return TrainStep(
         model, forward, augment, optimizer, scheduler, scaler, dtype, cfg.trainer.grad_clip,
-        cfg.trainer.channels_last, cfg.batch_size, steps_per_epoch, cfg.epochs, rank, world,
+        cfg.trainer.channels_last, cfg.batch_size, steps_per_epoch, cfg.epochs, rank, world, probe,
     )  # fmt: skip

@@ -53,7 +53,10 @@ LOSS_TOLERANCE = 1e-3
 WEIGHTS_TOLERANCE = 1e-1  # Adam's first steps are sign-like: near-zero gradients' noise becomes full steps
 BUFFERS_TOLERANCE = 2e-2
 NOISE_FACTOR = 3  # 1 vs N processes against two 1-process runs that differ only in summation order
-TOLERANCES = {"loss": LOSS_TOLERANCE, "weights": WEIGHTS_TOLERANCE, "buffers": BUFFERS_TOLERANCE}
+# The online linear probe (monitor.online_linear) on its own: relative to its own change in training
+TOLERANCES = {
+    "loss": LOSS_TOLERANCE, "weights": WEIGHTS_TOLERANCE, "buffers": BUFFERS_TOLERANCE, "probe": WEIGHTS_TOLERANCE,
+}  # fmt: skip
 
 
 def check_config_for(overrides: list[str], nproc: int, steps: int) -> DictConfig:
@@ -79,6 +82,7 @@ class Differences:
     weights_where: str  # the parameter with the largest share of it
     buffers: float  # largest over the buffers, each relative to its size (`buffer_scale`)
     buffers_where: str
+    probe: float = 0.0  # the online linear probe's weights, relative to their change (0: no probe)
 
     @property
     def ok(self) -> bool:
@@ -98,7 +102,8 @@ def compare(init: Path, one: Path, many: Path, parameters: set[str]) -> Differen
     if len(losses[0]) != len(losses[1]) or not losses[0]:
         raise RuntimeError(f"the runs logged {len(losses[0])} and {len(losses[1])} steps")
     loss = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(*losses))
-    start, end_one, end_many = (checkpoint.load(d / "final.pt")["model"] for d in (init, one, many))
+    saved = [checkpoint.load(d / "final.pt") for d in (init, one, many)]
+    start, end_one, end_many = (state["model"] for state in saved)
     floats = [k for k in end_one if end_one[k].is_floating_point() and end_one[k].numel()]
     apart = {k: (end_one[k].double() - end_many[k].double()).norm().item() for k in floats}
     moved = {k: (end_one[k].double() - start[k].double()).norm().item() for k in floats}
@@ -112,7 +117,18 @@ def compare(init: Path, one: Path, many: Path, parameters: set[str]) -> Differen
         weights_where=max(weights, key=apart.get, default="-"),
         buffers=buffers.get(worst_buffer, 0.0),
         buffers_where=worst_buffer,
+        probe=probe_difference(*(state.get("online_linear") for state in saved)),
     )
+
+
+def probe_difference(start: dict | None, one: dict | None, many: dict | None) -> float:
+    """The two runs' online linear probes apart, relative to how far the 1-process run moved it."""
+    if start is None or one is None or many is None:
+        return 0.0
+    start, one, many = (probe["linear"] for probe in (start, one, many))
+    apart = sum((one[k].double() - many[k].double()).norm() ** 2 for k in one) ** 0.5
+    moved = sum((one[k].double() - start[k].double()).norm() ** 2 for k in one) ** 0.5
+    return float(apart / max(moved, 1e-12))
 
 
 def buffer_scale(key: str, state: dict[str, torch.Tensor]) -> float:
@@ -165,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss": "largest over the steps, relative to the loss",
         "weights": f"over all parameters, relative to their change in training (most in {d.weights_where})",
         "buffers": f"largest, relative to its size ({d.buffers_where})",
+        "probe": "the online linear probe's weights, relative to their change (0: none)",
     }
     print(f"  {'':8} {'1 vs ' + str(args.nproc):>9} {'noise':>9}  (tolerance: the larger of the fixed one and "
           f"{NOISE_FACTOR}x noise)")  # fmt: skip

@@ -88,6 +88,8 @@ class MonitorConfig:
     k: int = knob("monitor.k=200", min=1)
     temperature: float = knob("monitor.temperature=0.1", gt=0)
     batch_size: int = knob("monitor.batch_size=512", min=1)
+    online_linear: bool = knob("monitor.online_linear=false")
+    online_linear_lr: float = knob("monitor.online_linear_lr=0.1", gt=0)
 
 
 @dataclass
@@ -119,6 +121,7 @@ class TrainConfig:
     name: str = MISSING
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     eval_after: list[str] = field(default_factory=list)
+    published: Any = None  # a recipe's published figure: {top1, protocol, source, budget} (ssl_lab.report)
     method: Any = MISSING
     backbone: Any = MISSING
     augment: Any = MISSING

@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,10 @@ from tqdm import tqdm
 from ssl_lab import checkpoint, distributed
 from ssl_lab.build import TrainStep
 from ssl_lab.checkpoint import TrainState
-from ssl_lab.data.datasets import DataSplits
+from ssl_lab.data.datasets import DataSplits, ImageSet
 from ssl_lab.data.loader import batches, crop_seed, epoch_order
 from ssl_lab.errors import Interrupted, TrainingDiverged
+from ssl_lab.eval.common import features
 from ssl_lab.eval.knn import knn_accuracy, pixel_knn_accuracy
 from ssl_lab.loggers import RunLogger
 
@@ -40,6 +41,7 @@ class Run:
     state: TrainState
     logger: RunLogger
     writer: checkpoint.Writer
+    last_monitor: dict[str, float] = field(default_factory=dict)  # the monitor's latest figures
 
     @property
     def main_process(self) -> bool:
@@ -52,21 +54,54 @@ class Run:
             self.writer.save(state, self.run_dir / name)  # written in the background
 
     def monitor(self) -> float | None:
-        """The kNN monitor's top-1, every process extracting and voting for its share (ssl_lab.eval.knn).
-        Logged as val/knn_top1 on the validation split; with data.val_size=0 as test/knn_top1."""
+        """The kNN monitor's top-1, every process extracting and voting for its share (ssl_lab.eval.knn),
+        and the online linear probe's top-1 on the same features. Logged as val/knn_top1 and
+        val/online_top1 on the validation split; with data.val_size=0 as test/..."""
         monitored = self.data.monitored()
         if monitored is None:
             return None
         splits, split = monitored
         cfg = self.cfg
+        queries, rows = self.features(splits.test)
         top1 = knn_accuracy(
-            self.step.model, splits, cfg.monitor.k, cfg.monitor.temperature, device=self.device,
-            batch_size=cfg.monitor.batch_size, autocast_dtype=self.step.autocast_dtype,
-            channels_last=cfg.trainer.channels_last, num_workers=cfg.trainer.num_workers,
+            self.step.model, splits, cfg.monitor.k, cfg.monitor.temperature, queries=queries,
+            **self.feature_options(),
         )["top1"]  # fmt: skip
+        metrics = {f"{split}/knn_top1": top1}
+        if self.step.probe is not None and self.state.step > 0:  # not before it has trained
+            labels = splits.test.labels[rows.start : rows.stop]
+            metrics[f"{split}/online_top1"] = self.step.probe.accuracy(queries, labels, len(splits.test))
+        self.last_monitor = metrics
         if self.main_process:
-            self.logger.log({f"{split}/knn_top1": top1, "epoch": self.state.epoch}, step=self.state.step)
+            self.logger.log({**metrics, "epoch": self.state.epoch}, step=self.state.step)
         return top1
+
+    def online_test(self) -> float | None:
+        """The online linear probe on the test split, once at the end (test/online_top1, beside what
+        eval=linear reports on the same split); None without a probe or when the monitor was on test."""
+        monitored = self.data.monitored()
+        if self.step.probe is None or monitored is None or monitored[1] == "test":
+            return None
+        queries, rows = self.features(self.data.test)
+        labels = self.data.test.labels[rows.start : rows.stop]
+        top1 = self.step.probe.accuracy(queries, labels, len(self.data.test))
+        self.last_monitor["test/online_top1"] = top1
+        if self.main_process:
+            self.logger.log({"test/online_top1": top1, "epoch": self.state.epoch}, step=self.state.step)
+        return top1
+
+    def feature_options(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return dict(device=self.device, batch_size=cfg.monitor.batch_size, autocast_dtype=self.step.autocast_dtype,
+                    channels_last=cfg.trainer.channels_last, num_workers=cfg.trainer.num_workers)  # fmt: skip
+
+    def features(self, images: ImageSet) -> tuple[torch.Tensor, range]:
+        """This process's share of the evaluated network's features of `images`, and its rows."""
+        rows = distributed.shard(len(images))
+        model = self.step.model
+        return features(
+            model, images, self.data.mean, self.data.std, rows=rows, **self.feature_options()
+        ), rows
 
     def pixel_baseline(self) -> float | None:
         """The monitor's kNN on raw pixels, once at the start (rank 0): what training must beat."""
@@ -121,6 +156,10 @@ class Run:
             ),
             flush=True,
         )
+        online = {name: value for name, value in self.last_monitor.items() if "online" in name}
+        if online:
+            print("online linear top-1: " + ", ".join(f"{n.split('/')[0]} {v:.2f}%" for n, v in online.items()),
+                  flush=True)  # fmt: skip
 
 
 class Stop:
@@ -176,6 +215,8 @@ def fit(run: Run) -> None:
                 summary = f"epoch {state.epoch}/{cfg.epochs}  loss {metrics['train/loss']:.4f}"
                 summary += f"  lr {metrics['train/lr']:.4g}  {metrics['train/img_per_s']:.0f} img/s"
                 summary += f"  kNN top-1 {top1:.2f}%" if top1 is not None else ""
+                online = run.last_monitor.get("val/online_top1", run.last_monitor.get("test/online_top1"))
+                summary += f"  online linear {online:.2f}%" if top1 is not None and online is not None else ""
                 print(summary, flush=True)
             if state.epoch % cfg.trainer.checkpoint_every == 0 or state.epoch == cfg.epochs:
                 run.save("last.pt")
@@ -214,12 +255,12 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window: dict[str, torch.Tensor] = {}  # sums of the step's outputs (loss, the method's scalars)
     window_steps, window_start = 0, time.perf_counter()
-    for images, _ in loader:
+    for images, labels in loader:
         if isinstance(images, tuple):  # the views' crops
             images = tuple(view.to(device, non_blocking=True) for view in images)
         else:
             images = images.to(device, non_blocking=True)
-        out = run.step(images, aug_rng, state.step)
+        out = run.step(images, aug_rng, state.step, labels)
         state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
         nonfinite |= ~torch.isfinite(out["loss"])
         for name, value in out.items():

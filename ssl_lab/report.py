@@ -22,10 +22,12 @@ import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -43,8 +45,17 @@ NUMBERS = [
     ("knn_top1_init", "val/knn_top1 at init", 2),
 ]
 METRICS = NUMBERS[2:]  # what a seed group averages: the figures, not how far the job got
+# Columns of the runs that logged them (report.csv has them always): the online linear probe
+# (monitor.online_linear) beside the validation kNN, and the cost after the test figures.
+ONLINE = [("online_top1_final", "val/online_top1 final", 2)]
+COST = [
+    ("img_per_s", "img/s", 0),  # training throughput: the median of the logged train/img_per_s
+    ("wall_min", "wall min", 1),  # minutes from start to end (all starts of a resumed run), eval included
+]
+NUMBERS += ONLINE + COST
 FIXED = {"job", "status", "error", *(key for key, _, _ in NUMBERS)}
 SELECT = "knn_top1_final"  # the one figure that may pick a winner: validation kNN at the end
+PUBLISHED = "published top-1 (protocol, source, budget)"  # the recipe's `published` key
 USAGE_HINT = "pass a multirun dir such as outputs/multirun/<date>"
 
 
@@ -73,6 +84,8 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
     loss = [(m.get("step"), number(m["train/loss"])) for m in train]
     knn = curve(metrics, "val/knn_top1")
     test_knn = curve(metrics, "test/knn_top1")  # the monitor when data.val_size=0: no validation split
+    online, test_online = curve(metrics, "val/online_top1"), curve(metrics, "test/online_top1")
+    rates = sorted(v for v in (number(m.get("train/img_per_s")) for m in train) if v is not None)
     epochs = [m["epoch"] for m in train if isinstance(m.get("epoch"), int)]
     steps = [m["step"] for m in metrics if isinstance(m.get("step"), int)]
     rel = run.relative_to(root)
@@ -89,8 +102,13 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "knn_top1_final": knn[-1][1] if knn else None,
         "knn_top1_best": max((v for _, v in knn if v is not None and math.isfinite(v)), default=None),
         "knn_top1_init": knn[0][1] if knn else None,
-        # Test kNN only at the end: its best over epochs would be an epoch chosen on the test set.
+        "online_top1_final": online[-1][1] if online else None,
+        "img_per_s": rates[len(rates) // 2] if rates else None,
+        "wall_min": wall_minutes(info),
+        "published": published(read(run / "config.yaml")),
+        # Test figures only at the end: a best over epochs would be an epoch chosen on the test set.
         **({"test/knn_top1_final": test_knn[-1][1]} if test_knn else {}),
+        **({"test/online_top1_final": test_online[-1][1]} if test_online else {}),
         # The raw-pixel kNN baseline (logged once) and the top-1 of each evaluation protocol run on the
         # weights (eval_after or python -m ssl_lab.eval, on the test set); the latest of each.
         **{
@@ -104,6 +122,27 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "knn_curve": [(x, y) for x, y in knn if x is not None and y is not None],
         "test_knn_curve": [(x, y) for x, y in test_knn if x is not None and y is not None],
     }
+
+
+def wall_minutes(info: dict[str, Any]) -> float | None:
+    """Minutes the run's starts took, each from its start to its end (run_info.json); None while one
+    has not ended."""
+    starts = info.get("starts") or []
+    try:
+        spans = [datetime.fromisoformat(s["ended"]) - datetime.fromisoformat(s["time"]) for s in starts]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return sum(span.total_seconds() for span in spans) / 60 if spans else None
+
+
+def published(config_text: str) -> str | None:
+    """The recipe's published figure (its `published` key: top1, protocol, source, budget) in words."""
+    config = load(config_text, yaml.safe_load, dict)
+    ref = config.get("published")
+    if not isinstance(ref, dict) or number(ref.get("top1")) is None:
+        return None
+    details = ", ".join(str(ref[k]) for k in ("protocol", "source", "budget") if ref.get(k))
+    return f"{number(ref['top1']):.2f}" + (f" ({details})" if details else "")
 
 
 def curve(metrics: list[dict[str, Any]], key: str) -> list[tuple[Any, float | None]]:
@@ -135,7 +174,7 @@ def logged_keys(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """The columns only some sweeps have: (raw-pixel references, test figures), in table order."""
     keys = {k for r in rows for k in r}
     references = sorted(k for k in keys if k.endswith("_pixels"))
-    tests = [k for k in ["test/knn_top1_final"] if k in keys] + sorted(
+    tests = [k for k in ["test/knn_top1_final", "test/online_top1_final"] if k in keys] + sorted(
         k for k in keys if k.startswith("eval/")
     )
     return references, tests
@@ -144,10 +183,16 @@ def logged_keys(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
 def figures(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     """(row key, Markdown header, decimals) of every result column: validation first, then test."""
     references, tests = logged_keys(rows)
+
+    def logged(columns: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+        return [c for c in columns if any(r.get(c[0]) is not None for r in rows)]
+
     return [
         *METRICS,
+        *logged(ONLINE),
         *((k, k, 2) for k in references),
         *((k, f"{k} (test)" if k.startswith("eval/") else k.replace("_final", " final"), 2) for k in tests),
+        *logged(COST),
     ]
 
 
@@ -281,13 +326,15 @@ def stats_cell(stats: Stats | None, n: int, decimals: int) -> str:
 def seeds_markdown(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
     keys = [k for k in override_keys(rows, varying_only=True) if k != "seed"]
     numbers = figures(rows)
-    header = [*map(column, keys), "seeds", "jobs", *(h for _, h, _ in numbers)]
-    lines = [header, ["---"] * (len(keys) + 2) + ["---:"] * len(numbers)]
+    refs = any(r.get("published") for r in rows)
+    header = [*map(column, keys), "seeds", "jobs", *(h for _, h, _ in numbers), *[PUBLISHED] * refs]
+    lines = [header, ["---"] * (len(keys) + 2) + ["---:"] * len(numbers) + ["---"] * refs]
     for g in groups:
         n = len(g["finished"])
         lines.append(
             [*(g["params"].get(k, "") for k in keys), seeds(g), jobs_cell(g)]
             + [stats_cell(g["stats"][key], n, d) for key, _, d in numbers]
+            + [next((r["published"] for r in g["rows"] if r.get("published")), "–")] * refs
         )
     intro = (
         "Seed groups (jobs that differ only in seed): mean ± sample std [95 % Student-t interval of the "
@@ -343,13 +390,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     keys = override_keys(rows, varying_only=True)
     numbers = [("epochs", "epochs", 0), *figures(rows)]
     errors = any(r["error"] for r in rows)
-    header = ["job", *map(column, keys), "status", *(h for _, h, _ in numbers), *(["error"] * errors)]
-    align = ["---"] * (len(keys) + 2) + ["---:"] * len(numbers) + ["---"] * errors
+    refs = any(r.get("published") for r in rows)
+    header = ["job", *map(column, keys), "status", *(h for _, h, _ in numbers)]
+    header += [PUBLISHED] * refs + ["error"] * errors
+    align = ["---"] * (len(keys) + 2) + ["---:"] * len(numbers) + ["---"] * (refs + errors)
     lines = [header, align]
     for r in rows:
         cells = [r["job"], *(r["params"].get(k, "") for k in keys), r["status"]]
         cells += [fmt(r.get(key), d) for key, _, d in numbers]
-        cells += [r["error"]] * errors
+        cells += [r.get("published") or "–"] * refs + [r["error"]] * errors
         lines.append(cells)
     counts = Counter(r["status"] for r in rows)
     statuses = ["finished", "failed", *sorted(set(counts) - {"finished", "failed"})]
@@ -411,14 +460,29 @@ def write_seeds_csv(rows: list[dict[str, Any]], groups: list[dict[str, Any]], pa
                 )
 
 
+def palette(i: int, n: int) -> Any:
+    """Matplotlib's 10 default colours, or tab20's 20 for more lines (a zoo of 11+ methods)."""
+    return f"C{i % 10}" if n <= 10 else colormaps["tab20"](i % 20)
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     # A bare Figure on the Agg canvas: no pyplot state, no display needed (clusters, CI).
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     loss_ax, knn_ax = fig.subplots(1, 2)
     keys = override_keys(rows, varying_only=True)
+    groups = seed_groups(rows)
+    together = has_seed_groups(groups)  # seeds of a group share a colour and one legend entry
+    colour = {id(r): i for i, g in enumerate(groups) for r in g["rows"]} if together else {}
+    named: set[int] = set()
     for i, r in enumerate(rows):
-        style = {"color": f"C{i % 10}", "label": label(r, keys)}
+        c = colour.get(id(r), i)
+        name = group_label(groups[c], [k for k in keys if k != "seed"]) if together else label(r, keys)
+        style = {
+            "color": palette(c, len(groups) if together else len(rows)),
+            "label": None if c in named else name,
+        }
+        named.add(c)
         if r["loss_curve"]:  # a marker keeps a job that logged one point visible
             loss_ax.plot(*zip(*r["loss_curve"]), marker="." if len(r["loss_curve"]) == 1 else "", **style)
         if r["knn_curve"]:

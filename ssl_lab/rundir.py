@@ -161,6 +161,8 @@ def set_status(run_dir: Path, status: str, error: str | None = None) -> None:
     path = run_dir / "run_info.json"
     info = json.loads(path.read_text()) if path.exists() else {"starts": []}
     info["status"] = status
+    if info["starts"]:  # when this start ended: the report's wall time is the starts' sum
+        info["starts"][-1]["ended"] = datetime.now().isoformat(timespec="seconds")
     if error:
         info["error"] = error
     write_json(path, info)

@@ -47,7 +47,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
         )
     model = build_model(cfg, device, world)
     augment = instantiate(cfg.augment).to(device)
-    step = build_step(cfg, model, augment, len(data.train) // cfg.batch_size, rank, world)
+    step = build_step(
+        cfg, model, augment, len(data.train) // cfg.batch_size, rank, world, probe_classes(cfg, data)
+    )
     state = TrainState()
     if cfg.resume:
         resume(cfg, run_dir, step, state)
@@ -73,6 +75,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
             run.announce_baselines()
         fit(run)
         final = run.monitor()
+        run.online_test()
         run.save("final.pt")
         run.writer.wait()  # on disk before anything reads it
         if rank == 0:
@@ -81,6 +84,19 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
             for eval_cfg in eval_after:
                 evaluate(eval_cfg, logger, data=data if eval_cfg.get("data") is None else None)
     return final if data.val is not None else None  # for sweepers: a validation figure, never test
+
+
+def probe_classes(cfg: DictConfig, data: DataSplits) -> int:
+    """The classes of the online linear probe: the data's, when monitor.online_linear and the
+    training images have labels; else 0 (no probe), said once."""
+    if not cfg.monitor.online_linear:
+        return 0
+    if data.memory is None or data.train.labels is None:
+        if distributed.is_main():
+            print(f"data={cfg.data.name} has no labels for its training images: no online linear probe "
+                  "(monitor.online_linear); evaluate with eval=linear", flush=True)  # fmt: skip
+        return 0
+    return data.num_classes
 
 
 def resume(cfg: DictConfig, run_dir: Path, step, state: TrainState) -> None:

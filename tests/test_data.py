@@ -20,8 +20,9 @@ def test_synthetic_is_deterministic_uint8_and_labelled() -> None:
     assert a.train.images.dtype == torch.uint8 and a.train.images.shape == (300, 3, 32, 32)
     assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
     assert not torch.equal(a.train.images, synthetic(num_train=300, num_test=100, seed=4).train.images)
-    assert set(a.train.labels.tolist()) == set(range(10)) and a.num_classes == 10
-    assert a.memory is a.train
+    assert set(a.memory.labels.tolist()) == set(range(10)) and a.num_classes == 10
+    assert a.memory.images is a.train.images  # the held-out labels are -1 in train (online probe)
+    assert set(a.train.labels.tolist()) == set(range(-1, 10))
     # colour images, not grey ones
     assert (a.train.images[:, 0].float() - a.train.images[:, 1].float()).abs().mean() > 5
 
@@ -39,7 +40,7 @@ def test_imagefolder_labels_resize_and_memory_modes(tmp_path: Path) -> None:
     held = imagefolder(str(tmp_path), image_size=16, in_memory=True, num_workers=0)
     lazy = imagefolder(str(tmp_path), image_size=16, in_memory=False, num_workers=0)
     assert held.num_classes == 2 and held.train.images.shape == (12, 3, 16, 16)
-    assert held.train.labels.tolist() == [0] * 6 + [1] * 6
+    assert held.memory.labels.tolist() == [0] * 6 + [1] * 6
     assert lazy.train.images is None and len(lazy.train.files) == 12
     order = torch.arange(12)
     (x_held, y_held), *_ = batches(held.train, order, 12, drop_last=False)
@@ -126,7 +127,8 @@ def test_validation_split_is_held_out_of_the_labelled_training_images_by_a_fixed
     assert len(memory) == 1000 and len(val) == 100 and len(bank) == 900  # default: 10 %
     assert val | bank == memory and not val & bank  # disjoint, and together every labelled image
     assert not val & test and not bank & test  # test stays out of selection
-    assert data.train is data.memory  # pretraining still sees every training image
+    assert data.train.images is data.memory.images  # pretraining still sees every training image
+    assert (data.train.labels == -1).sum() == 100  # but the online linear probe not the held-out labels
     assert torch.equal(data.val.labels, synthetic(num_train=1000, num_test=200).val.labels)  # fixed
     torch.manual_seed(123)  # the run's own seed does not move it
     assert ids(synthetic(num_train=1000, num_test=200).val) == val

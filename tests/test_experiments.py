@@ -29,6 +29,51 @@ def test_every_recipe_names_its_reference_what_it_should_give_and_where_it_diffe
         assert "Expected" in comment and "%" in comment, name  # the published figure
 
 
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_with_a_published_figure_records_it_for_the_report(name: str) -> None:
+    """The `published` key (python -m ssl_lab.report shows it) says the figure its comment expects,
+    with protocol, source and the recipe's own budget."""
+    cfg = compose_cfg([f"experiment={name}"])
+    comment = (EXPERIMENTS / f"{name}.yaml").read_text()
+    if cfg.published is None:
+        assert "no published CIFAR figure" in comment or name.startswith("lightly_"), name
+        return
+    assert set(cfg.published) == {"top1", "protocol", "source", "budget"}, name
+    assert f"{cfg.published.top1:g} %" in comment or f"{cfg.published.top1:.2f} %" in comment, name
+    assert cfg.published.budget.startswith(f"{cfg.epochs} epochs, batch {cfg.batch_size}"), name
+
+
+def compared() -> list[str]:
+    """The recipes `-m compare=cifar10` sweeps (conf/compare/cifar10.yaml)."""
+    import yaml
+
+    sweep = yaml.safe_load((EXPERIMENTS.parent / "conf" / "compare" / "cifar10.yaml").read_text())
+    return sweep["hydra"]["sweeper"]["params"]["experiment"].split(",")
+
+
+def test_the_comparison_sweeps_a_recipe_of_every_method_over_seeds() -> None:
+    from conftest import METHODS
+
+    methods = {compose_cfg([f"experiment={name}"]).method.name: name for name in compared()}
+    assert sorted(methods) == METHODS  # a new method joins the comparison with its CIFAR recipe
+
+
+@pytest.mark.parametrize("name", compared())
+def test_the_short_comparison_gives_every_recipe_one_budget(name: str) -> None:
+    """compare=cifar10_short after the recipe: its settings, the shared budget over them."""
+    cfg = compose_cfg([f"experiment={name}", "compare=cifar10_short"])
+    assert (cfg.epochs, cfg.batch_size, cfg.data.limit_train, cfg.scheduler.warmup_epochs) == (
+        10,
+        256,
+        10000,
+        1,
+    )
+    assert list(cfg.eval_after) == ["knn", "linear_fast"] and cfg.published is not None
+    assert cfg.backbone.get("cifar_stem") in (None, False)  # ResNets with the ImageNet stem
+    recipe = compose_cfg([f"experiment={name}"])
+    assert cfg.method == recipe.method and cfg.optimizer == recipe.optimizer  # the recipe's own
+
+
 def lightly_view_transform(**kwargs):
     from lightly.transforms import SimCLRTransform
 

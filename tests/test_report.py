@@ -103,7 +103,7 @@ def test_failed_job_shows_its_error(tmp_path: Path) -> None:
 
     md = write_report(rows, tmp_path / "report")["md"].read_text()
     assert md.splitlines()[0].endswith("| error |")
-    assert "| 2 | nnclr | sgd | failed | 1 | 5.0000 | 12.00 | 12.00 | 10.00 | CUDA OOM |" in md
+    assert "| 2 | nnclr | sgd | failed | 1 | 5.0000 | 12.00 | 12.00 | 10.00 | 900 | CUDA OOM |" in md
     assert "4 jobs: 3 finished, 1 failed." in md
 
 
@@ -288,7 +288,7 @@ def test_no_validation_split_picks_no_winner(tmp_path: Path) -> None:
     header = md.splitlines()[0]
     assert header.endswith(
         "| val/knn_top1 final | val/knn_top1 best | val/knn_top1 at init | test/knn_top1 final "
-        "| eval/linear_top1 (test) |"
+        "| eval/linear_top1 (test) | img/s |"
     )
     assert "| 3 | 1 | nnclr | finished | 1 | 5.0000 | – | – | – | 33.00 | 53.00 |" in md
     seeds_row = "| simclr | 0, 1 | n=2 of 2 | 5.0000 ± 0.0000 [5.0000, 5.0000] | – | – | – | 31.00 ± 1.41"
@@ -318,3 +318,31 @@ def test_failed_seed_is_left_out_and_counted(tmp_path: Path, capsys: pytest.Capt
     simclr = next(r for r in rows if (r["method"], r["metric"]) == ("simclr", "knn_top1_final"))
     assert (simclr["jobs"], simclr["finished"], simclr["n"], float(simclr["mean"])) == ("3", "2", "2", 51.0)
     assert float(simclr["ci95_high"]) - 51.0 == pytest.approx(12.706205, abs=1e-6)
+
+
+def test_a_method_comparison_shows_online_probe_time_speed_and_the_published_figure(tmp_path: Path) -> None:
+    """-m compare=...: per recipe and seed group, validation kNN and online linear (mean ± interval), the
+    test figures, img/s, wall minutes from run_info's starts, and the recipe's `published` figure."""
+    sweep = tmp_path / "multirun" / "2026-12-06_10-00-00"
+    published = {"cifar10_simclr": 93.3, "cifar10_byol": 92.58}
+    for job, (seed, recipe) in enumerate((s, r) for s in (0, 1) for r in published):
+        run = sweep / str(job)
+        write_run(run, [f"experiment={recipe}", f"seed={seed}"], [10.0, 40.0 + job], [5.0, 4.0])
+        append_metrics(run, val__online_top1=30.0 + seed, test__online_top1=35.0 + seed)
+        info = json.loads((run / "run_info.json").read_text())
+        info["starts"][0]["ended"] = "2026-11-25T10:12:30"  # 12.5 minutes after its start
+        (run / "run_info.json").write_text(json.dumps(info))
+        (run / "config.yaml").write_text(
+            f"published:\n  top1: {published[recipe]}\n  protocol: online linear\n  source: solo-learn README\n"
+            "  budget: 1000 epochs, batch 256\n"
+        )
+    rows = collect(sweep)
+    assert [r["online_top1_final"] for r in rows] == [30.0, 30.0, 31.0, 31.0]
+    assert {r["wall_min"] for r in rows} == {12.5} and {r["img_per_s"] for r in rows} == {900.0}
+    assert rows[1]["published"] == "92.58 (online linear, solo-learn README, 1000 epochs, batch 256)"
+    write_report(rows, sweep)
+    text = (sweep / "report.md").read_text()
+    assert "| val/online_top1 final |" in text.splitlines()[0] and "test/online_top1 final" in text
+    seeds_table = text.split("Seed groups")[1]
+    assert "30.50 ± 0.71" in seeds_table and "92.58 (online linear" in seeds_table
+    assert (sweep / "report.png").stat().st_size > 0

@@ -30,7 +30,11 @@ def test_train_in_process(method: str, tmp_path: Path) -> None:
     assert top1 is not None and 0 <= top1 <= 100
     rows = read_metrics(tmp_path)
     assert rows[0]["step"] == 0 and "val/knn_top1" in rows[0]  # the random-init monitor
-    assert "val/knn_top1_pixels" in rows[1] and not any(k.startswith("test/") for r in rows for k in r)
+    assert "val/knn_top1_pixels" in rows[1]
+    # the test split only once, at the end: the online linear probe's figure beside eval_after's
+    tested = [(r["step"], k) for r in rows for k in r if k.startswith("test/")]
+    assert tested == [(rows[-1]["step"], "test/online_top1")], tested
+    assert "val/online_top1" in rows[-2] and "train/online_top1" in set().union(*rows)
     assert top1 == [r["val/knn_top1"] for r in rows if "val/knn_top1" in r][-1]  # what sweepers get
     names = set().union(*rows)
     assert {"train/loss", "train/lr", "train/img_per_s", "val/knn_top1"} <= names
@@ -180,7 +184,8 @@ def test_interrupt_and_resume_equals_uninterrupted(how: str, workdir: Path) -> N
 @pytest.mark.parametrize("method", METHODS)
 def test_a_stopped_run_resumes_exactly(method: str, tmp_path: Path, monkeypatch) -> None:
     """Every method: stopped mid-epoch (as on a signal) and resumed, it ends where an unstopped run
-    ends, bit for bit: its teacher, queue, centre and any other state travel in last.pt."""
+    ends, bit for bit: its teacher, queue, centre and any other state travel in last.pt, and so does
+    the online linear probe (its weights, momentum and schedule)."""
     from ssl_lab import loop
     from ssl_lab.errors import Interrupted
 
@@ -194,7 +199,8 @@ def test_a_stopped_run_resumes_exactly(method: str, tmp_path: Path, monkeypatch)
     assert checkpoint.load(tmp_path / "stopped" / "last.pt")["step"] == 9  # mid-epoch 2 of 8 steps
     cfg.resume = str(tmp_path / "stopped")
     train(cfg, run_dir=tmp_path / "stopped")
-    ours, ref = (checkpoint.load(tmp_path / d / "final.pt")["model"] for d in ("stopped", "reference"))
+    ours, ref = (checkpoint.load(tmp_path / d / "final.pt") for d in ("stopped", "reference"))
+    ours, ref = ({**s["model"], **s["online_linear"]["linear"]} for s in (ours, ref))  # and the probe's
     assert ours.keys() == ref.keys()
     for key in ref:
         torch.testing.assert_close(ours[key], ref[key], rtol=0, atol=0, msg=key)

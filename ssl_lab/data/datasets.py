@@ -83,23 +83,45 @@ class DataSplits:
 VAL_SEED = 2  # the validation split's own seed (train/test subsets use 0 and 1): the same across runs
 
 
-def hold_out(splits: DataSplits, val_size: int | None, name: str, in_pretraining: bool = True) -> DataSplits:
-    """`splits` with `val_size` labelled training images held out as the validation split (None: 10 %
-    of them; 0: none), chosen by a fixed seed so that every run, whatever its own seed, validates on the
-    same images. `in_pretraining=False` also keeps them out of pretraining, when `train` is the
-    labelled set."""
-    memory = splits.memory
-    if memory is None or val_size == 0:
-        return splits
-    n = len(memory)
+def validation_rows(n: int, val_size: int | None, name: str) -> torch.Tensor | None:
+    """Which of `n` labelled training images form the validation split (sorted; None: no split):
+    `val_size` of them (None: 10 %), chosen by a fixed seed so that every run, whatever its own seed,
+    validates on the same images."""
+    if val_size == 0:
+        return None
     size = max(1, n // 10) if val_size is None else val_size
     if size > n // 2:
         raise UserError(
             f"data.val_size={size} leaves {n - size} of data={name}'s {n} labelled training images for "
             f"the kNN bank; use data.val_size<={n // 2}, or 0 for no validation split"
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))
-    val, bank = memory.select(order[:size].sort().values), memory.select(order[size:].sort().values)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))[:size].sort().values
+
+
+def without_labels(labels: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """`labels` with those at `rows` set to -1: images the online linear probe must not train on."""
+    if rows is None:
+        return labels
+    hidden = labels.clone()
+    hidden[rows] = -1
+    return hidden
+
+
+def hold_out(splits: DataSplits, val_size: int | None, name: str, in_pretraining: bool = True) -> DataSplits:
+    """`splits` with `val_size` labelled training images held out as the validation split
+    (`validation_rows`). `in_pretraining=False` also keeps them out of pretraining, when `train` is the
+    labelled set; with them in it, their labels in `train` are -1, so that the online linear probe
+    does not train on the images it is scored on."""
+    memory = splits.memory
+    if memory is None:
+        return splits
+    n = len(memory)
+    rows = validation_rows(n, val_size, name)
+    if rows is None:
+        return splits
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[rows] = False
+    val, bank = memory.select(rows), memory.select(keep.nonzero().flatten())
     train = splits.train
     if not in_pretraining:
         if train is not memory:
@@ -108,6 +130,8 @@ def hold_out(splits: DataSplits, val_size: int | None, name: str, in_pretraining
                 "keep data.val_in_pretraining=true"
             )
         train = bank
+    elif train is memory:
+        train = replace(train, labels=without_labels(train.labels, rows))
     return replace(splits, train=train, val=val, val_bank=bank)
 
 
@@ -373,9 +397,13 @@ def stl10(
 
     memory, test = split("train", None, 0), split("test", limit_test, 1)
     unlabeled = split("unlabeled", None, 0)
+    # the labelled images first, the validation split's labels hidden, then the unlabelled (-1)
+    held_out = validation_rows(len(memory), val_size, "stl10")
+    labels = torch.cat([without_labels(memory.labels, held_out), torch.full((len(unlabeled),), -1)])
     train = _limited(
-        ImageSet(images=torch.cat([memory.images, unlabeled.images]), image_size=96), limit_train, 0
-    )
+        ImageSet(images=torch.cat([memory.images, unlabeled.images]), labels=labels, image_size=96),
+        limit_train, 0,
+    )  # fmt: skip
     return hold_out(DataSplits(train, memory, test, 10, mean, std), val_size, "stl10", val_in_pretraining)
 
 

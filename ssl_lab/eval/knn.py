@@ -49,12 +49,18 @@ def knn_predict(
 
 
 def knn_accuracy(
-    backbone: nn.Module, data: DataSplits, k: int, temperature: float, **feature_options: Any
+    backbone: nn.Module,
+    data: DataSplits,
+    k: int,
+    temperature: float,
+    queries: torch.Tensor | None = None,
+    **feature_options: Any,
 ) -> dict[str, float]:
     """top1/top5 (%) of the weighted kNN vote on `backbone`'s features: the labelled train split is the
     bank, the test split the queries. The pretraining run's monitor and eval=knn both compute this,
-    on every process of a run (each its share; see the module's docstring); `feature_options` are
-    `features`' (device, batch_size, autocast_dtype, ...)."""
+    on every process of a run (each its share; see the module's docstring); `queries`: this process's
+    share of the queries' features, if extracted already; `feature_options` are `features`' (device,
+    batch_size, autocast_dtype, ...)."""
     n_bank, n_queries = len(data.memory), len(data.test)
     local = features(
         backbone, data.memory, data.mean, data.std, rows=distributed.shard(n_bank), **feature_options
@@ -62,7 +68,8 @@ def knn_accuracy(
     bank = distributed.gather_shards(half_bank(local), n_bank)
     del local
     rows = distributed.shard(n_queries)
-    queries = features(backbone, data.test, data.mean, data.std, rows=rows, **feature_options)
+    if queries is None:
+        queries = features(backbone, data.test, data.mean, data.std, rows=rows, **feature_options)
     labels = data.memory.labels.to(bank.device)
     scores = knn_predict(queries, bank, labels, data.num_classes, k, temperature)
     hits = topk_hits(scores, data.test.labels[rows.start : rows.stop], top1_top5(data.num_classes))
