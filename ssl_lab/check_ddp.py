@@ -53,9 +53,12 @@ LOSS_TOLERANCE = 1e-3
 WEIGHTS_TOLERANCE = 1e-1  # Adam's first steps are sign-like: near-zero gradients' noise becomes full steps
 BUFFERS_TOLERANCE = 2e-2
 NOISE_FACTOR = 3  # 1 vs N processes against two 1-process runs that differ only in summation order
-# The online linear probe (monitor.online_linear) on its own: relative to its own change in training
+# The online linear probe (monitor.online_linear) on its own, relative to its own change in training:
+# plain SGD, so no allowance for Adam's sign-like steps. Measured (debug=smoke, 3 steps): 2.5e-7 apart;
+# 6.4e-2 with its batch norm per process, 9.1e-1 with its gradients not summed over processes.
+PROBE_TOLERANCE = 1e-2
 TOLERANCES = {
-    "loss": LOSS_TOLERANCE, "weights": WEIGHTS_TOLERANCE, "buffers": BUFFERS_TOLERANCE, "probe": WEIGHTS_TOLERANCE,
+    "loss": LOSS_TOLERANCE, "weights": WEIGHTS_TOLERANCE, "buffers": BUFFERS_TOLERANCE, "probe": PROBE_TOLERANCE,
 }  # fmt: skip
 
 

@@ -1,5 +1,6 @@
-"""The online linear probe (solo-learn's online classifier): a linear classifier trained during
-pretraining on the detached features of the evaluated network, scored on the validation split at
+"""The online linear probe (solo-learn's online classifier): a linear classifier (after a batch norm
+without scale or shift, as MAE's linear probing) trained during pretraining on the detached features of
+the evaluated network, scored on the validation split at
 every kNN monitor.
 
     probe = OnlineLinear(model.encoder, num_classes, lr, schedule)
@@ -46,13 +47,19 @@ class OnlineLinear:
     ) -> None:
         self.encoder = encoder
         device = next(encoder.parameters()).device
+        # Features standardised by a batch norm without scale or shift (MAE's linear probing): the
+        # probe's lr then suits any backbone's feature scale (a ResNet's pooled ReLU features at lr 0.1
+        # diverged without it). Over the global batch on N processes, as the method's batch norms.
+        self.norm = nn.BatchNorm1d(num_features, affine=False)
+        if distributed.world_size() > 1:
+            self.norm = distributed.SyncBatchNorm.convert(self.norm)
         self.linear = nn.Linear(num_features, num_classes)
         generator = torch.Generator().manual_seed(seed + 7919)  # the same on every process
         bound = 1 / num_features**0.5  # nn.Linear's own initialisation, from our generator
         with torch.no_grad():
             self.linear.weight.uniform_(-bound, bound, generator=generator)
             self.linear.bias.uniform_(-bound, bound, generator=generator)
-        self.linear.to(device)
+        self.head = nn.Sequential(self.norm, self.linear).to(device)
         self.optimizer = torch.optim.SGD(self.linear.parameters(), lr=lr, momentum=0.9, weight_decay=0)
         self.scheduler = make_scheduler(self.optimizer)
         self.captured: torch.Tensor | None = None
@@ -91,7 +98,8 @@ class OnlineLinear:
                 features = self.encoder(first_view)
         targets = labels.to(features.device, non_blocking=True).repeat(features.shape[0] // rows)
         schedule_step(self.scheduler, step, total_steps)
-        logits = self.linear(features.float())
+        self.head.train()
+        logits = self.head(features.float())
         loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
         labelled = (targets != IGNORE).sum().float()
         self.optimizer.zero_grad(set_to_none=True)
@@ -113,17 +121,18 @@ class OnlineLinear:
     def accuracy(self, features: torch.Tensor, labels: torch.Tensor, total: int) -> float:
         """Top-1 (%) over every process's share of `total` images: this process's `features` [n, D]
         and `labels` [n]."""
-        hits = topk_hits(self.linear(features.float()), labels.to(features.device))
+        self.head.eval()
+        hits = topk_hits(self.head(features.float()), labels.to(features.device))
         return 100.0 * distributed.total(hits).item() / total
 
     def state_dict(self) -> dict:
         return {
-            "linear": self.linear.state_dict(),
+            "linear": self.head.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.linear.load_state_dict(state["linear"])
+        self.head.load_state_dict(state["linear"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
