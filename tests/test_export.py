@@ -80,10 +80,15 @@ def ssl_lab_features(run_dir: Path, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
+def doc_pages() -> list[str]:
+    """The README and every page of the user's guide (docs/**/*.md)."""
+    return [page.read_text() for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]]
+
+
 def readme_snippet(library: str, export_dir: Path) -> str:
-    """The README's no-ssl_lab loading code for `library`, pointed at `export_dir`."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Exporting a backbone\n", 1)[1].split("\n## ", 1)[0]
+    """The guide's no-ssl_lab loading code for `library` (its one page "Exporting a backbone",
+    docs/export.md), pointed at `export_dir`."""
+    (section,) = [page for page in doc_pages() if page.startswith("# Exporting a backbone\n")]
     constructor = {"torchvision": "torchvision.models", "timm": "timm.create_model"}[library]
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", section, re.S) if constructor in b]
     code, found = re.subn(r'^export = ".*"$', f"export = {str(export_dir)!r}", block, flags=re.M)
