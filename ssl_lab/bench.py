@@ -188,8 +188,7 @@ def training_inputs(
     runner's loop draws them: from memory, or for a set decoded from files, each view cropped from the
     full image by `workers` (default trainer.num_workers) persistent decoding workers."""
     data = load_data(cfg)
-    labelled = data.memory is not None and data.train.labels is not None
-    step = build_step(cfg, device, len(data.train) // cfg.batch_size, data.num_classes if labelled else 0)
+    step = build_step(cfg, device, len(data.train) // cfg.batch_size, build.probe_classes(cfg, data))
     rng = torch.Generator(device).manual_seed(cfg.seed)
     crops = step.crop_plan() if data.train.images is None else None
     loader = forever(

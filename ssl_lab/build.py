@@ -21,6 +21,7 @@ from timm.scheduler.scheduler import Scheduler
 
 from ssl_lab import distributed
 from ssl_lab.data.augment import Augment
+from ssl_lab.data.datasets import DataSplits
 from ssl_lab.errors import UserError
 from ssl_lab.eval.online_linear import OnlineLinear
 from ssl_lab.methods.base import Draw, Method
@@ -262,6 +263,19 @@ class TrainStep:
             self.probe.load_state_dict(state["online_linear"])
 
 
+def probe_classes(cfg: DictConfig, data: DataSplits) -> int:
+    """The classes of the online linear probe: the data's, when monitor.online_linear and the
+    training images have labels; else 0 (no probe), said once."""
+    if not cfg.monitor.online_linear:
+        return 0
+    if data.memory is None or data.train.labels is None:
+        if distributed.is_main():
+            print(f"data={cfg.data.name} has no labels for its training images: no online linear probe "
+                  "(monitor.online_linear); evaluate with eval=linear", flush=True)  # fmt: skip
+        return 0
+    return data.num_classes
+
+
 def build_step(
     cfg: DictConfig,
     model: Method,
@@ -278,9 +292,13 @@ def build_step(
     device = next(model.parameters()).device
     dtype = precision_dtype(cfg.trainer.precision, device)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.batch_size)
-    scheduler = instantiate(
-        cfg.scheduler, optimizer=optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs
-    )
+
+    def schedule(optimizer: torch.optim.Optimizer) -> Scheduler:  # the method's, and the probe's
+        return instantiate(
+            cfg.scheduler, optimizer=optimizer, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs
+        )
+
+    scheduler = schedule(optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     forward: Callable = model  # Method.forward([views]) is the training step
     if world > 1:  # through the wrapper, which syncs gradients
@@ -290,8 +308,7 @@ def build_step(
         probe = OnlineLinear(
             model.encoder, model.num_features, num_classes,
             scaled_lr(cfg.monitor.online_linear_lr, cfg.batch_size, "linear"),
-            lambda opt: instantiate(cfg.scheduler, optimizer=opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs),
-            seed=cfg.seed,
+            schedule, seed=cfg.seed,
         )  # fmt: skip
     if cfg.trainer.compile:
         forward = torch.compile(forward)

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_lab import checkpoint, distributed
-from ssl_lab.build import build_model, build_step, check_batch_divides, pick_device
+from ssl_lab.build import build_model, build_step, check_batch_divides, pick_device, probe_classes
 from ssl_lab.checkpoint import TrainState
 from ssl_lab.config import check_config
 from ssl_lab.data.datasets import DataSplits
@@ -84,19 +84,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> float | None:
             for eval_cfg in eval_after:
                 evaluate(eval_cfg, logger, data=data if eval_cfg.get("data") is None else None)
     return final if data.val is not None else None  # for sweepers: a validation figure, never test
-
-
-def probe_classes(cfg: DictConfig, data: DataSplits) -> int:
-    """The classes of the online linear probe: the data's, when monitor.online_linear and the
-    training images have labels; else 0 (no probe), said once."""
-    if not cfg.monitor.online_linear:
-        return 0
-    if data.memory is None or data.train.labels is None:
-        if distributed.is_main():
-            print(f"data={cfg.data.name} has no labels for its training images: no online linear probe "
-                  "(monitor.online_linear); evaluate with eval=linear", flush=True)  # fmt: skip
-        return 0
-    return data.num_classes
 
 
 def resume(cfg: DictConfig, run_dir: Path, step, state: TrainState) -> None:

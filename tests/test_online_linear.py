@@ -13,11 +13,10 @@ from test_methods import NoTensorsFromPythonData
 from test_swav import FakeGroup
 
 from ssl_lab import distributed
-from ssl_lab.build import build_model, build_step
+from ssl_lab.build import build_model, build_step, probe_classes
 from ssl_lab.data.datasets import hold_out
 from ssl_lab.data.synthetic import make_synthetic
 from ssl_lab.eval.online_linear import OnlineLinear
-from ssl_lab.train import probe_classes
 
 CPU = torch.device("cpu")
 
