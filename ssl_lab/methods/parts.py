@@ -78,6 +78,17 @@ def off_diagonal_squares(c: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- queues
 
 
+def check_queue_fits(queue_size: int, batch_size: int, optional: bool = False) -> None:
+    """A UserError if the keys of one step (the global batch) do not fit in a queue of `queue_size`:
+    they would overwrite each other. `optional`: the method runs without a queue at size 0."""
+    if batch_size > queue_size:
+        raise UserError(
+            f"method.queue_size={queue_size} is smaller than batch_size={batch_size}, which each step adds "
+            f"to it: set method.queue_size to at least {batch_size}"
+            + (", or 0 for no queue" if optional else "")
+        )
+
+
 class Queue(nn.Module):
     """A FIFO queue of `size` embeddings (NNCLR's support set, MoCo's negatives); buffers, so it travels
     in checkpoints. Random unit vectors until filled, as in lightly, solo-learn and MoCo's code. Every
@@ -90,13 +101,8 @@ class Queue(nn.Module):
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     def check_batch(self, batch_size: int) -> None:
-        """A UserError if the keys of one step (the global batch) do not fit: they would overwrite each
-        other. Called from the method's check_batch, before the run writes anything."""
-        if batch_size > len(self.queue):
-            raise UserError(
-                f"method.queue_size={len(self.queue)} is smaller than batch_size={batch_size}, which each "
-                f"step adds to it: set method.queue_size to at least {batch_size}"
-            )
+        """Called from the method's check_batch, before the run writes anything."""
+        check_queue_fits(len(self.queue), batch_size)
 
     @torch.no_grad()
     def push(self, z: torch.Tensor) -> None:

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 from ssl_lab import distributed
 from ssl_lab.config import NonNegativeInt, PositiveFloat, PositiveInt
-from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.parts import MultiCrop, mlp
+from ssl_lab.methods.parts import MultiCrop, check_queue_fits, mlp
 
 
 @torch.no_grad()
@@ -144,11 +143,8 @@ class SwAV(Method):
             self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
 
     def check_batch(self, batch_size: int) -> None:
-        if self.queue_size and batch_size > self.queue_size:  # one step's pushes would overwrite each other
-            raise UserError(
-                f"method.queue_size={self.queue_size} is smaller than batch_size={batch_size}, which each "
-                f"step adds to it: set method.queue_size to at least {batch_size}, or 0 for no queue"
-            )
+        if self.queue_size:
+            check_queue_fits(self.queue_size, batch_size, optional=True)
 
     def views(self, draw: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
         """Two global views, then `num_local_crops` local ones of one size (one backbone pass)."""
