@@ -64,7 +64,7 @@ def test_the_short_comparison_gives_every_recipe_one_budget(name: str) -> None:
     cfg = compose_cfg([f"experiment={name}", "compare=cifar10_short"])
     assert (cfg.epochs, cfg.batch_size, cfg.data.limit_train, cfg.scheduler.warmup_epochs) == (
         5,
-        256,
+        64,
         5000,
         1,
     )
