@@ -181,3 +181,22 @@ def test_every_readme_check_ddp_command_composes() -> None:
             a for i, a in enumerate(args) if not a.startswith("--") and not args[i - 1].startswith("--")
         ]
         check_config_for([o for o in overrides if "<" not in o], nproc=2, steps=3)
+
+
+def method_table(path: Path) -> dict[str, str]:
+    """A page's method table (the run of table lines holding `simclr`'s row) by method name, its links
+    reduced to their text: the README and the guide link to the same section by different paths."""
+    text = path.read_text()
+    table = re.search(r"(?:^\|.*\n)*^\| `simclr` \|.*\n(?:^\|.*\n)*", text, re.M).group(0)
+    rows = re.findall(r"^\| `(\w+)` \| (.*)$", table, re.M)
+    return {name: re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", row) for name, row in rows}
+
+
+def test_readme_and_guide_method_tables_agree_and_list_every_method() -> None:
+    """The README's method table repeats docs/methods.md's: one row per conf/method/*.yaml in each, the
+    same text, so a figure updated on one page cannot go stale on the other."""
+    methods = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+    readme, guide = method_table(ROOT / "README.md"), method_table(ROOT / "docs" / "methods.md")
+    assert sorted(readme) == methods and sorted(guide) == methods
+    for name in methods:
+        assert readme[name] == guide[name], f"{name}: README.md and docs/methods.md differ"
