@@ -20,7 +20,7 @@ from ssl_lab.methods.mae import MAE, mae_loss, patchify, random_masking, sincos_
 def small_mae(**kwargs) -> MAE:
     torch.manual_seed(0)
     vit = timm.create_model("test_vit", num_classes=0, img_size=32, patch_size=8)  # 16 patches, 64 wide
-    return MAE(vit, decoder_dim=32, decoder_depth=2, decoder_heads=2, **kwargs)
+    return MAE(vit, **{"decoder_dim": 32, "decoder_depth": 2, "decoder_heads": 2, **kwargs})
 
 
 def official_forward_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int, norm_pix: bool):
@@ -167,11 +167,22 @@ def test_a_step_trains_encoder_and_decoder_and_the_position_embedding_stays_fixe
         ({"mask_ratio": 1.0}, "leaves 0 of the 16 patches visible"),
         ({"mask_ratio": 0.0}, "leaves 16 of the 16 patches visible"),
         ({"crop_scale": [0.5, 0.2]}, r"method.crop_scale=\[0.5, 0.2\] must be \[min, max\]"),
+        ({"decoder_heads": 3}, "method.decoder_dim=32 is not divisible by method.decoder_heads=3"),
     ],
 )
 def test_impossible_settings_are_one_line_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
         small_mae(**kwargs)
+
+
+def test_an_image_size_not_a_multiple_of_the_patch_is_refused() -> None:
+    """timm builds a 30 px ViT with 8 px patches (its convolution drops the last 6 px); MAE's pixel
+    target cannot be cut into those patches, so it says so when built, not at its first step."""
+    vit = timm.create_model("test_vit", num_classes=0, img_size=30, patch_size=8)
+    with pytest.raises(
+        UserError, match="30 px input is not a whole number of its 8 px patches.*multiple of 8"
+    ):
+        MAE(vit, decoder_dim=32, decoder_depth=1, decoder_heads=2)
 
 
 def test_a_convnet_backbone_is_refused() -> None:

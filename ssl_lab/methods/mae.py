@@ -145,6 +145,17 @@ class MAE(Method):
         embed = backbone.patch_embed
         self.patch_size, self.grid = embed.patch_size[0], tuple(embed.grid_size)
         self.num_patches = self.grid[0] * self.grid[1]
+        if tuple(embed.img_size) != tuple(g * self.patch_size for g in self.grid):
+            raise UserError(
+                f"method=mae: the ViT's {embed.img_size[0]} px input is not a whole number of its "
+                f"{self.patch_size} px patches, so the pixel target cannot be cut into patches: set "
+                f"data.image_size (or backbone.image_size) to a multiple of {self.patch_size}"
+            )
+        if decoder_dim % decoder_heads:
+            raise UserError(
+                f"method.decoder_dim={decoder_dim} is not divisible by method.decoder_heads={decoder_heads}: "
+                f"each head takes an equal share of the width (the paper: 512 and 16)"
+            )
         self.keep = int(self.num_patches * (1 - mask_ratio))  # models_mae.py's len_keep
         if not 1 <= self.keep < self.num_patches:
             raise UserError(
