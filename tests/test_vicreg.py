@@ -8,6 +8,7 @@ from lightly.loss import VICRegLoss
 from lightly.models.modules.heads import VICRegProjectionHead
 
 from ssl_lab import distributed
+from ssl_lab.errors import UserError
 from ssl_lab.methods.vicreg import VICReg, vicreg_loss
 
 
@@ -73,3 +74,8 @@ def test_the_expander_is_lightlys_vicreg_head_but_the_official_last_layer() -> N
     weights = lambda m: [tuple(p.shape) for n, p in m.named_parameters() if n.endswith("weight")]  # noqa: E731
     assert weights(ours) == weights(theirs)
     assert ours[-1].bias is None and theirs[-1].bias is not None
+
+
+def test_all_weights_zero_is_a_one_line_error() -> None:
+    with pytest.raises(UserError, match="are all 0, which leaves no loss to train"):
+        VICReg(nn.Flatten(), sim_loss_weight=0.0, var_loss_weight=0.0, cov_loss_weight=0.0)

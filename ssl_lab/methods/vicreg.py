@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ssl_lab import distributed
 from ssl_lab.config import NonNegativeFloat, PositiveFloat, PositiveInt
+from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
 from ssl_lab.methods.parts import mlp, off_diagonal_squares
 
@@ -73,6 +74,11 @@ class VICReg(Method):
         """The paper's defaults (sec. 4.1, main_vicreg.py): expander 8192-8192-8192 (Linear-BN-ReLU twice,
         then a Linear without bias, as the official code; lightly's head has one), lambda = mu = 25, nu = 1, eps 1e-4 (solo-learn's CIFAR recipe:
         2048 wide)."""
+        if not sim_loss_weight + var_loss_weight + cov_loss_weight > 0:
+            raise UserError(
+                "method.sim_loss_weight, var_loss_weight and cov_loss_weight are all 0, which leaves no loss "
+                "to train: set at least one above 0 (the paper: 25, 25 and 1)"
+            )
         super().__init__(backbone, concat_views)
         self.weights = (sim_loss_weight, var_loss_weight, cov_loss_weight)
         self.eps, self.gather = eps, gather_distributed
