@@ -49,6 +49,7 @@ DEFAULTS = {
     "data": "synthetic",
     "logger": "none",
 }
+RUN = 8  # steps timed together for the loop's pipelined full step
 VARIANTS = {  # model settings compared by --variants
     "contiguous fp32": ["trainer.channels_last=false", "trainer.precision=32"],
     "channels_last fp32": ["trainer.channels_last=true", "trainer.precision=32"],
@@ -257,6 +258,17 @@ def measure(
         ({"reference (per-sample PIL)": counted(reference_step)}, settle, turn),
     )
     pipelined = {name for fns, _, k in blocks[1:] for name in fns}
+    # The runner's loop: RUN steps in a row, synchronised once, each batch's views made while the step
+    # before runs (trainer.overlap: on a side stream on GPUs), as ssl_lab/loop.py trains.
+    prefetched = iter(build.Prefetch(step, (next(loader) for _ in itertools.count()), rng, device,
+                                     cfg.trainer.overlap))  # fmt: skip
+
+    def in_row(i: int) -> None:
+        for j in range(RUN):
+            views, batch_labels = next(prefetched)
+            step.train_on(views, i * RUN + j, batch_labels)
+
+    loop_name = f"full step, {RUN} in a row (loop)"
     times: dict[str, list[float]] = {}
     rounds = min(2, steps)  # a slow spell of the (virtual) machine then hits both sides
     for r in range(rounds):
@@ -264,6 +276,10 @@ def measure(
         for fns, skip, k in blocks:
             for name, t in timed(fns, -(-n // k) * k, skip, device).items():
                 times.setdefault(name, []).extend(t)
+        rows = max(1, n // RUN)
+        times.setdefault(loop_name, []).extend(
+            t / RUN for t in timed({loop_name: counted(in_row)}, rows, 1, device)[loop_name]
+        )
     return times, pipelined
 
 
@@ -363,6 +379,10 @@ def main(argv: list[str] | None = None) -> None:
         rates[name] = report(name, cfg.batch_size, seconds, note, pipelined=name in pipelined)
     full = rates["full ssl_lab step"]
     print(f"  full / model step alone        {full / rates['model step alone']:7.2f}")
+    loop = rates[f"full step, {RUN} in a row (loop)"]
+    print(
+        f"  loop / model step alone        {loop / rates['model step alone']:7.2f}  (trainer.overlap={t.overlap})"
+    )
     print(f"  full / reference               {full / rates['reference (per-sample PIL)']:7.2f}x")
     if args.syncs:
         syncs = syncs_per_step(cfg, args.steps, args.warmup)

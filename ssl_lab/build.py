@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from hydra.utils import instantiate
@@ -103,6 +103,11 @@ def sync_batchnorm(model: Method, mode: str, device: torch.device) -> Method:
             "use trainer.sync_batchnorm=false (batch norm per process)"
         )
     if mode == "torch":
+        if any(getattr(m, "splits_global_batch", False) for m in model.modules()):
+            raise UserError(
+                "trainer.sync_batchnorm=torch would replace backbone.bn_splits' split batch norms; "
+                "use trainer.sync_batchnorm=ssl_lab (it leaves them over their splits)"
+            )
         if device.type != "cuda":
             raise UserError(
                 "trainer.sync_batchnorm=torch needs GPUs (torch's SyncBatchNorm runs on CUDA only); "
@@ -234,8 +239,14 @@ class TrainStep:
     ) -> dict[str, torch.Tensor]:
         """Step `step` (0-based) on a uint8 batch (or its views' crops) already on the device; `labels`
         (-1: none) train the online linear probe, if the step has one."""
+        return self.train_on(self.views(images, rng), step, labels)
+
+    def train_on(
+        self, views: list[torch.Tensor], step: int, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Step `step` on views already made (`views`, or `Prefetch`): the schedule, then `update`."""
         schedule_step(self.scheduler, step, self.total_steps)
-        return self.update(self.views(images, rng), step, labels)
+        return self.update(views, step, labels)
 
     @property
     def lr(self) -> float:
@@ -261,6 +272,61 @@ class TrainStep:
         self.scaler.load_state_dict(state["scaler"])
         if self.probe is not None and "online_linear" in state:  # else: a run saved without one
             self.probe.load_state_dict(state["online_linear"])
+
+
+class Prefetch:
+    """The views of each batch from `batches` (uint8 images, or the views' crops, and labels), made one
+    batch ahead: the runner's loop trains on batch i while batch i+1 is fetched and augmented. On a GPU
+    with `overlap`, that happens on a side stream, so the augmentation's many small kernels run beside
+    the model step instead of after it; the training stream waits for the side stream before it uses
+    the views (no host sync). The random stream is drawn in the same order either way (views i, then
+    views i+1 after step i is launched: a step draws nothing from it), so the run is the same with
+    and without the overlap; batch i+1 is made when the caller asks for it, so a caller that stops
+    after step i leaves the random stream where a checkpoint expects it."""
+
+    def __init__(
+        self,
+        step: TrainStep,
+        batches: Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | None]],
+        rng: torch.Generator,
+        device: torch.device,
+        overlap: bool = True,
+    ) -> None:
+        self.step, self.batches, self.rng, self.device = step, iter(batches), rng, device
+        self.side = torch.cuda.Stream(device) if overlap and device.type == "cuda" else None
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
+        ready = self.prepare()
+        while ready is not None:
+            views, labels = ready
+            if self.side is not None:  # the training stream uses what the side stream made
+                main = torch.cuda.current_stream(self.device)
+                main.wait_stream(self.side)
+                for tensor in [*views, *([] if labels is None else [labels])]:
+                    tensor.record_stream(main)
+            yield views, labels  # the caller launches step i ...
+            ready = self.prepare()  # ... and batch i+1 is made meanwhile
+
+    def prepare(self) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
+        batch = next(self.batches, None)  # gathered on the side stream too, for sets held on the GPU
+        if batch is None:
+            return None
+        if self.side is None:
+            return self.make(*batch)
+        # the side stream may reuse memory the training stream freed: it starts after what was queued
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.side):
+            return self.make(*batch)
+
+    def make(
+        self, images: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        if isinstance(images, tuple):  # the views' crops
+            images = tuple(view.to(self.device, non_blocking=True) for view in images)
+        else:
+            images = images.to(self.device, non_blocking=True)
+        labels = None if labels is None else labels.to(self.device, non_blocking=True)
+        return self.step.views(images, self.rng), labels
 
 
 def probe_classes(cfg: DictConfig, data: DataSplits) -> int:

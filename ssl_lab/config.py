@@ -85,6 +85,7 @@ def knob(example: str | None = None, **limits: Any) -> Any:
 @dataclass
 class MonitorConfig:
     every: int = knob("monitor.every=10", min=0)  # epochs; 0 = only at the end
+    test_every: int = knob("monitor.test_every=1", min=0)  # epochs; 0 = never (lightly's test kNN)
     k: int = knob("monitor.k=200", min=1)
     temperature: float = knob("monitor.temperature=0.1", gt=0)
     batch_size: int = knob("monitor.batch_size=512", min=1)
@@ -98,6 +99,7 @@ class TrainerConfig:
     precision: str = knob("trainer.precision=bf16", choices=("auto", "32", "bf16", "16"))
     channels_last: bool = knob("trainer.channels_last=true")
     compile: bool = knob("trainer.compile=true")
+    overlap: bool = knob("trainer.overlap=false")
     grad_clip: float | None = knob("trainer.grad_clip=1.0", min=0)  # 0 or null: off
     num_workers: int = knob("trainer.num_workers=4", min=0)
     log_every: int = knob("trainer.log_every=10", min=1)

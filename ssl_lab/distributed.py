@@ -287,6 +287,8 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         too, and which parameters train: a frozen teacher stays frozen): plain BatchNorm{1,2,3}d by this
         class, timm's BatchNormAct2d by SyncBatchNormAct, which keeps its activation. Other batch norms with a forward of their own must be refused before
         (`foreign_batchnorms`): replacing them would change what the network computes."""
+        if getattr(module, "splits_global_batch", False):  # SplitBatchNorm2d: world-invariant as it is
+            return module
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
             args = (
                 module.num_features,
@@ -333,6 +335,7 @@ def foreign_batchnorms(module: torch.nn.Module) -> list[tuple[str, type]]:
         and type(m).forward is not plain
         and type(m) is not BatchNormAct2d
         and not isinstance(m, synced)
+        and not getattr(m, "splits_global_batch", False)
     ]
 
 

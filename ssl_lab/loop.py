@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from ssl_lab import checkpoint, distributed
-from ssl_lab.build import TrainStep
+from ssl_lab.build import Prefetch, TrainStep
 from ssl_lab.checkpoint import TrainState
 from ssl_lab.data.datasets import DataSplits, ImageSet
 from ssl_lab.data.loader import batches, crop_seed, epoch_order
@@ -42,6 +42,7 @@ class Run:
     logger: RunLogger
     writer: checkpoint.Writer
     last_monitor: dict[str, float] = field(default_factory=dict)  # the monitor's latest figures
+    test_knn_best: tuple[int, float] | None = None  # (epoch, top-1) of monitor.test_every's best
 
     @property
     def main_process(self) -> bool:
@@ -74,6 +75,21 @@ class Run:
         self.last_monitor = metrics
         if self.main_process:
             self.logger.log({**metrics, "epoch": self.state.epoch}, step=self.state.step)
+        return top1
+
+    def test_knn(self) -> float | None:
+        """lightly's benchmark figure (monitor.test_every): kNN with every labelled training image as the
+        bank and the test split as the queries, logged as test/knn_top1; the best so far is kept in
+        `test_knn_best` (epoch, top-1) and reported at the end. Not a figure to select on."""
+        if self.data.memory is None or self.data.test is None:
+            return None
+        cfg = self.cfg.monitor
+        options = self.feature_options()
+        top1 = knn_accuracy(self.step.model, self.data, cfg.k, cfg.temperature, **options)["top1"]
+        if self.test_knn_best is None or top1 > self.test_knn_best[1]:
+            self.test_knn_best = (self.state.epoch, top1)
+        if self.main_process:
+            self.logger.log({"test/knn_top1": top1, "epoch": self.state.epoch}, step=self.state.step)
         return top1
 
     def online_test(self) -> float | None:
@@ -156,6 +172,10 @@ class Run:
             ),
             flush=True,
         )
+        if self.test_knn_best is not None:
+            epoch, top1 = self.test_knn_best
+            print(f"test kNN top-1, best over epochs (lightly's benchmark figure, monitor.test_every): "
+                  f"{top1:.2f}% after epoch {epoch}", flush=True)  # fmt: skip
         online = {name: value for name, value in self.last_monitor.items() if "online" in name}
         if online:
             print("online linear top-1: " + ", ".join(f"{n.split('/')[0]} {v:.2f}%" for n, v in online.items()),
@@ -208,13 +228,17 @@ def fit(run: Run) -> None:
                 )  # fmt: skip
                 raise Interrupted(signum)
             state.epoch, state.batch_in_epoch, state.aug_rng = state.epoch + 1, 0, None
-            top1 = None
+            top1 = test_top1 = None
             if cfg.monitor.every and state.epoch % cfg.monitor.every == 0 and state.epoch < cfg.epochs:
                 top1 = run.monitor()
+            every = cfg.monitor.test_every
+            if every and (state.epoch % every == 0 or state.epoch == cfg.epochs):
+                test_top1 = run.test_knn()
             if run.main_process and metrics:
                 summary = f"epoch {state.epoch}/{cfg.epochs}  loss {metrics['train/loss']:.4f}"
                 summary += f"  lr {metrics['train/lr']:.4g}  {metrics['train/img_per_s']:.0f} img/s"
                 summary += f"  kNN top-1 {top1:.2f}%" if top1 is not None else ""
+                summary += f"  test kNN {test_top1:.2f}%" if test_top1 is not None else ""
                 online = run.last_monitor.get("val/online_top1", run.last_monitor.get("test/online_top1"))
                 summary += f"  online linear {online:.2f}%" if top1 is not None and online is not None else ""
                 print(summary, flush=True)
@@ -255,12 +279,9 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     window: dict[str, torch.Tensor] = {}  # sums of the step's outputs (loss, the method's scalars)
     window_steps, window_start = 0, time.perf_counter()
-    for images, labels in loader:
-        if isinstance(images, tuple):  # the views' crops
-            images = tuple(view.to(device, non_blocking=True) for view in images)
-        else:
-            images = images.to(device, non_blocking=True)
-        out = run.step(images, aug_rng, state.step, labels)
+    # each batch's views made while the previous step runs (on a side stream on GPUs: trainer.overlap)
+    for views, labels in Prefetch(run.step, loader, aug_rng, device, cfg.trainer.overlap):
+        out = run.step.train_on(views, state.step, labels)
         state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
         nonfinite |= ~torch.isfinite(out["loss"])
         for name, value in out.items():

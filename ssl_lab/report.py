@@ -1,6 +1,7 @@
 """One table and one figure for a Hydra multirun: how each job of the sweep did.
 
     python -m ssl_lab.report outputs/multirun/2026-11-25_10-00-00
+    python -m ssl_lab.report benchmarks/results/lightly_cifar10.jsonl     # python -m ssl_lab.fill_table's rows
 
 Writes report.md, report.csv and report.png into that dir (or --out) and prints the table. It reads only
 the files the runs wrote (metrics.jsonl, run_info.json, .hydra/overrides.yaml, final.pt), so it works on a
@@ -520,14 +521,85 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+# --- The benchmark table: python -m ssl_lab.fill_table's rows beside lightly's figures ------------------
+
+FINDING = 1.5  # points below lightly's figure that make a row a finding to explain, not a result
+
+
+def results_markdown(lines: list[dict[str, Any]]) -> str:
+    """One table row per results line: lightly's figure (the best test kNN over epochs) for ssl_lab and
+    for lightly, their difference, ssl_lab's own figures (validation kNN, online linear probe on
+    validation and test), the wall times and their ratio, img/s and what ran it."""
+    header = ["row", "kNN test best (epoch)", "lightly", "difference", "val kNN", "online val / test",
+              "wall min", "lightly wall min", "wall ratio", "img/s", "device, torch, commit"]  # fmt: skip
+    table = [header, ["---"] * len(header)]
+    findings = []
+    for line in lines:
+        best, theirs = line.get("knn_test_best"), line.get("lightly_knn")
+        # a row run with overrides (the suite's tiny rehearsal, another batch) is not lightly's protocol
+        protocol = not line.get("overrides")
+        diff = best - theirs if protocol and best is not None and theirs is not None else None
+        wall, their_wall = line.get("wall_s", 0) / 60, line.get("lightly_wall_minutes")
+        ratio = f"{wall / their_wall:.2f}" if protocol and their_wall else "–"
+        name = line["row"].removeprefix("lightly_cifar10_")
+        if line.get("overrides"):
+            name += " (" + " ".join(line["overrides"]) + ")"
+        if diff is not None and diff < -FINDING:
+            findings.append(name)
+            name += " **finding**"
+        table.append([
+            name,
+            f"{fmt(best, 2)} ({line.get('knn_test_best_epoch', '–')}/{line.get('epochs', '–')})",
+            fmt(theirs, 1),
+            "–" if diff is None else f"{diff:+.2f}",
+            fmt(line.get("val_knn"), 2),
+            f"{fmt(line.get('val_online'), 2)} / {fmt(line.get('test_online'), 2)}",
+            fmt(wall, 1),
+            fmt(their_wall, 1),
+            ratio,
+            fmt(line.get("img_per_s"), 0),
+            f"{line.get('device', '?')}, torch {line.get('torch', '?')}, {str(line.get('commit'))[:7]}",
+        ])  # fmt: skip
+    text = "\n".join(md_table(table))
+    if findings:
+        text += (f"\n\n**finding**: more than {FINDING} points below lightly's figure ({', '.join(findings)}): "
+                 "a difference to explain against lightly's script, not a result.")  # fmt: skip
+    return text
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    lines = []
+    for number, text in enumerate(read(path).splitlines(), 1):
+        if text.strip():
+            line = load(text, json.loads, dict)
+            if line is None or "row" not in line:
+                fail(f"{path}:{number} is not a line of python -m ssl_lab.fill_table; fix or remove it")
+            lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ssl_lab.report", description="Summarize a Hydra multirun as a table and a figure."
     )
-    parser.add_argument("run_dir", type=Path, help="a multirun dir, e.g. outputs/multirun/<date>")
+    parser.add_argument(
+        "run_dir", type=Path,
+        help="a multirun dir (e.g. outputs/multirun/<date>) or a results file of python -m ssl_lab.fill_table",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="where report.{md,csv,png} go (default: run_dir)")
     args = parser.parse_args(argv)
 
+    if args.run_dir.suffix == ".jsonl" and args.run_dir.is_file():  # the benchmark table's rows
+        lines = read_results(args.run_dir)
+        if not lines:
+            fail(f"{args.run_dir} holds no rows yet; python -m ssl_lab.fill_table fills it")
+        text = results_markdown(lines)
+        print(text)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"{args.run_dir.stem}.md").write_text(text + "\n")
+            print(f"Wrote {args.out / f'{args.run_dir.stem}.md'}")
+        return 0
     if not args.run_dir.is_dir():
         problem = "is not a directory" if args.run_dir.exists() else "does not exist"
         fail(f"{args.run_dir} {problem}; {USAGE_HINT}")

@@ -533,3 +533,16 @@ def test_check_ddp_compares_in_fp32_with_deterministic_kernels() -> None:
 
     cfg = check_config_for([*FAST, "trainer.precision=bf16", "trainer.deterministic=false"], nproc=2, steps=3)
     assert cfg.trainer.precision == "32" and cfg.trainer.deterministic is True
+
+
+@pytest.mark.slow
+def test_batch_norm_over_splits_of_the_global_batch_passes_check_ddp(tmp_path: Path) -> None:
+    """backbone.bn_splits (lightly's SplitBatchNorm, its benchmark's MoCo row): each process holds its
+    share of the global batch's splits and the running statistics are averaged, so 2 processes train
+    like 1 (SyncBatchNorm leaves these batch norms as they are)."""
+    result = run_cli("--nproc", "2", "--steps", "3", "debug=smoke", "trainer.device=cpu", "logger=none",
+                     "backbone=lightly_resnet18", "backbone.bn_splits=4", "data.image_size=16",
+                     cwd=tmp_path, module="ssl_lab.check_ddp")  # fmt: skip
+    assert result.returncode == 0 and "PASS: 2 processes train like 1" in result.stdout, (
+        result.stdout + result.stderr[-2000:]
+    )

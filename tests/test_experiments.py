@@ -38,7 +38,9 @@ def test_every_recipe_with_a_published_figure_records_it_for_the_report(name: st
     if cfg.published is None:
         assert "no published CIFAR figure" in comment or name.startswith("lightly_"), name
         return
-    assert set(cfg.published) == {"top1", "protocol", "source", "budget"}, name
+    assert {"top1", "protocol", "source", "budget"} <= set(cfg.published) <= {
+        "top1", "protocol", "source", "budget", "wall_minutes",
+    }, name  # fmt: skip
     assert f"{cfg.published.top1:g} %" in comment or f"{cfg.published.top1:.2f} %" in comment, name
     assert cfg.published.budget.startswith(f"{cfg.epochs} epochs, batch {cfg.batch_size}"), name
 
@@ -179,3 +181,114 @@ def test_lightly_nnclr_is_lightlys_nnclr_example() -> None:
     assert {(g["lr"], g["momentum"], g["weight_decay"]) for g in step.optimizer.param_groups} == {
         (0.06, 0, 0)
     }
+
+
+def example_views(transform) -> list[dict]:
+    """Each of a lightly transform's two views' settings (settings_of) and solarization probability."""
+    from lightly.transforms.solarize import RandomSolarization
+
+    def flat(t) -> list:  # a view's transforms out of its Compose and view wrappers (not RandomApply's)
+        inner = t.transforms if type(t).__name__ == "Compose" else None
+        inner = inner or getattr(getattr(t, "transform", None), "transforms", None)
+        return [op for child in inner for op in flat(child)] if isinstance(inner, list) else [t]
+
+    views = []
+    for view in transform.transforms[:2]:
+        ops = flat(view)
+        solarize = [t.prob for t in ops if isinstance(t, RandomSolarization)]
+        views.append({**settings_of(ops), "solarize_p": solarize[0] if solarize else 0.0})
+    return views
+
+
+def assert_example_views(augment, transform) -> None:
+    for i, theirs in enumerate(example_views(transform)):
+        mine = augment.for_view(i)
+        assert_settings_match({**ours(mine), "solarize_p": mine.solarize_p}, theirs)
+        if theirs["blur_p"]:
+            assert mine.blur_kernel >= 6 * max(theirs["blur_sigma"])  # PIL's blur is not truncated
+
+
+def assert_example_optimizer(cfg, model, augment) -> None:
+    """The examples' torch.optim.SGD(model.parameters(), lr=0.06): no momentum, no decay, no schedule."""
+    step = build_step(cfg, model, augment, steps_per_epoch=10)
+    assert {(g["lr"], g["momentum"], g["weight_decay"]) for g in step.optimizer.param_groups} == {
+        (0.06, 0, 0)
+    }
+    step.scheduler.step_update(99)
+    assert step.lr == pytest.approx(0.06) and not model.concat_views
+    assert (cfg.batch_size, cfg.epochs, cfg.backbone.cifar_stem) == (256, 10, False)
+
+
+def test_lightly_mocov2_is_lightlys_moco_example() -> None:
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.transforms import MoCoV2Transform
+
+    cfg, model, augment = composed("lightly_mocov2")
+    assert layers(model.projector) == layers(MoCoProjectionHead(512, 512, 128))
+    loss = NTXentLoss(memory_bank_size=(4096, 128))
+    assert model.temperature == loss.temperature and tuple(model.queues[0].queue.shape) == (4096, 128)
+    assert not model.symmetric and len(model.queues) == 1
+    assert (cfg.method.momentum_base, cfg.method.momentum_end) == (
+        0.996,
+        1.0,
+    )  # cosine_schedule(.., 0.996, 1)
+    assert_example_views(augment, MoCoV2Transform(input_size=32))
+    assert_example_optimizer(cfg, model, augment)
+
+
+def test_lightly_byol_is_lightlys_byol_example() -> None:
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+    cfg, model, augment = composed("lightly_byol")
+    assert layers(model.projector) == layers(BYOLProjectionHead(512, 1024, 256))
+    assert layers(model.predictor) == layers(BYOLPredictionHead(256, 1024, 256))
+    assert model.loss_scale == 0.25  # 0.5 (NegativeCosineSimilarity + ...): tests/test_lightly_cifar10.py
+    assert (cfg.method.momentum_base, cfg.method.momentum_end) == (0.996, 1.0)
+    transform = BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=32, gaussian_blur=0.0),
+        view_2_transform=BYOLView2Transform(input_size=32, gaussian_blur=0.0),
+    )
+    assert_example_views(augment, transform)
+    assert_example_optimizer(cfg, model, augment)
+
+
+def test_lightly_simsiam_is_lightlys_simsiam_example() -> None:
+    from lightly.models.modules import SimSiamPredictionHead, SimSiamProjectionHead
+    from lightly.transforms import SimSiamTransform
+
+    cfg, model, augment = composed("lightly_simsiam")
+    assert layers(model.projector) == layers(SimSiamProjectionHead(512, 512, 128))
+    assert layers(model.predictor) == layers(SimSiamPredictionHead(128, 64, 128))
+    assert_example_views(augment, SimSiamTransform(input_size=32))
+    assert_example_optimizer(cfg, model, augment)
+
+
+def test_lightly_barlowtwins_is_lightlys_barlowtwins_example() -> None:
+    from lightly.loss import BarlowTwinsLoss
+    from lightly.models.modules import BarlowTwinsProjectionHead
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+    cfg, model, augment = composed("lightly_barlowtwins")
+    assert layers(model.projector) == layers(BarlowTwinsProjectionHead(512, 2048, 2048))
+    assert model.lambda_param == BarlowTwinsLoss().lambda_param and model.scale_loss == 1.0
+    transform = BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=32, gaussian_blur=0.0),
+        view_2_transform=BYOLView2Transform(input_size=32, gaussian_blur=0.0),
+    )
+    assert_example_views(augment, transform)
+    assert_example_optimizer(cfg, model, augment)
+
+
+def test_lightly_vicreg_is_lightlys_vicreg_example() -> None:
+    from lightly.loss import VICRegLoss
+    from lightly.models.modules.heads import VICRegProjectionHead
+    from lightly.transforms import VICRegTransform
+
+    cfg, model, augment = composed("lightly_vicreg")
+    assert layers(model.projector) == layers(VICRegProjectionHead(512, 2048, 2048, num_layers=2))
+    loss = VICRegLoss()
+    assert model.weights == (loss.lambda_param, loss.mu_param, loss.nu_param) and model.eps == loss.eps
+    assert_example_views(augment, VICRegTransform(input_size=32))
+    assert_example_optimizer(cfg, model, augment)

@@ -59,7 +59,11 @@ def test_wheel_packages_every_module_and_config(tmp_path: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {f"ssl_lab/{p.relative_to(ROOT / 'ssl_lab')}" for p in (ROOT / "ssl_lab").rglob("*.py")}
     configs = {f"ssl_lab/conf/{p.relative_to(ROOT / 'conf')}" for p in (ROOT / "conf").rglob("*.yaml")}
-    recipes = {f"ssl_lab/conf/experiment/{p.name}" for p in (ROOT / "experiments").iterdir()}
+    recipes = {
+        f"ssl_lab/conf/experiment/{p.relative_to(ROOT / 'experiments')}"
+        for p in (ROOT / "experiments").rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }  # protocol/ included: the rows' shared settings
     assert not (sources | configs | recipes) - names, sorted((sources | configs | recipes) - names)
 
 

@@ -155,3 +155,36 @@ def test_a_compiled_step_reads_the_progress_without_recompiling() -> None:
         torch.testing.assert_close(out["loss"], backbone(x).mean() * (1 + step / 6))
         assert out["epoch"].item() == step // 2
     assert counter.frame_count == 1
+
+
+def test_the_loop_prefetching_the_next_batchs_views_trains_exactly_as_one_step_at_a_time() -> None:
+    """ssl_lab.build.Prefetch makes batch i+1's views after step i is launched (on a GPU on a side stream,
+    trainer.overlap): the same random draws in the same order as TrainStep(images, rng, i), which makes
+    the views inside the step, so the losses, the parameters and the stream's final state are equal."""
+    from hydra.utils import instantiate
+
+    from ssl_lab.build import Prefetch, build_model, build_step
+    from ssl_lab.data.loader import batches, epoch_order
+
+    cfg = compose_cfg([*FAST, "method=mocov2", "method.symmetric=true", "method.shuffle_keys=true",
+                       "method.queue_size=64", "data.num_train=96", "batch_size=32"])  # fmt: skip
+    data = instantiate(cfg.data, num_workers=0)
+    device = torch.device("cpu")
+    runs = []
+    for prefetch in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, device)
+        step = build_step(cfg, model, instantiate(cfg.augment), len(data.train) // cfg.batch_size)
+        rng = torch.Generator().manual_seed(5)
+        loader = batches(data.train, epoch_order(len(data.train), 0, 0), cfg.batch_size, drop_last=True)
+        if prefetch:
+            losses = [
+                step.train_on(v, i, y)["loss"] for i, (v, y) in enumerate(Prefetch(step, loader, rng, device))
+            ]
+        else:
+            losses = [step(images, rng, i, labels)["loss"] for i, (images, labels) in enumerate(loader)]
+        runs.append((torch.stack(losses), [p.detach().clone() for p in model.parameters()], rng.get_state()))
+    (loss_a, params_a, rng_a), (loss_b, params_b, rng_b) = runs
+    assert len(loss_a) == 3 and torch.equal(loss_a, loss_b)  # views and the keys' order: the stream's
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b)) and torch.equal(rng_a, rng_b)
+    assert Prefetch(step, iter([]), rng, device, overlap=True).side is None  # no stream on a CPU

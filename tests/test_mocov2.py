@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from conftest import FlatBackbone
 from lightly.loss import NTXentLoss
@@ -94,3 +95,48 @@ def test_the_teacher_follows_with_the_cosine_schedule_and_gets_no_gradient() -> 
 def test_a_queue_smaller_than_the_batch_is_refused() -> None:
     with pytest.raises(UserError, match="method.queue_size=64 is smaller than batch_size=128"):
         small_mocov2().check_batch(128)
+
+
+def test_a_shared_queue_is_lightlys_benchmark_loss_both_directions_reading_one_bank_in_turn() -> None:
+    """lightly's benchmark MoCo: 0.5 (NTXentLoss(q0, k1) + NTXentLoss(q1, k0)) with ONE memory bank,
+    which the second call reads with the first call's keys in it; the bank then holds both views' keys."""
+    model = small_mocov2(symmetric=True, shared_queue=True, temperature=0.1)
+    assert len(model.queues) == 1
+    criterion = NTXentLoss(temperature=0.1, memory_bank_size=(64, 8))
+    criterion.memory_bank.bank = model.queues[0].queue.clone()
+    views = [torch.randn(6, 16), torch.randn(6, 16)]
+    k0, k1 = (model.teacher.projector(model.teacher.backbone(v)).detach() for v in views)
+    q0, q1 = (model.projector(model.backbone(v)) for v in views)
+    expected = 0.5 * (criterion(q0, k1) + criterion(q1, k0))
+    torch.testing.assert_close(model.training_step(views)["loss"], expected)
+    torch.testing.assert_close(
+        model.queues[0].queue[:12], torch.cat([F.normalize(k1, dim=1), F.normalize(k0, dim=1)])
+    )
+
+
+def test_shuffled_keys_are_the_teachers_keys_of_a_shuffled_batch_put_back() -> None:
+    """method.shuffle_keys: the teacher sees its view in the order of the drawn noise (lightly's
+    batch_shuffle), and each key comes back to its own query. With batch norm in the teacher, the
+    keys are those of the shuffled batch split as the order says; without, they equal the plain keys."""
+    model = small_mocov2(shuffle_keys=True)
+    views = [torch.randn(6, 16), torch.randn(6, 16)]
+    noise = torch.rand(6, 2)
+    plain = model.key(views[1], None)
+    torch.testing.assert_close(model.key(views[1], noise[:, 0]), plain)  # per-sample network: same keys
+    order = noise[:, 0].argsort()
+
+    class SplitNorm(nn.Module):  # batch norm over 2 consecutive splits, as backbone.bn_splits does
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([F.batch_norm(c, None, None, training=True) for c in x.chunk(2)])
+
+    head = model.teacher.projector
+    model.teacher.projector = nn.Sequential(head, SplitNorm())
+    mine = model.key(views[1], noise[:, 0])
+    theirs = model.teacher.projector(views[1][order])[order.argsort()]
+    torch.testing.assert_close(mine, theirs)
+    assert not torch.allclose(mine, model.teacher.projector(views[1]))  # the shuffle matters
+
+
+def test_a_shared_queue_without_the_symmetric_loss_is_a_one_line_error() -> None:
+    with pytest.raises(UserError, match="method.shared_queue=true .* set method.symmetric=true"):
+        small_mocov2(shared_queue=True)

@@ -280,7 +280,7 @@ def test_the_recipes_hold_their_references_settings(recipe: str) -> None:
     assert (m.temperature, m.momentum, m.proj_hidden_dim, m.proj_output_dim, m.pred_hidden_dim) == (
         0.2, 0.99, 4096, 256, 4096,
     )  # fmt: skip
-    if recipe == "cifar10_mocov3":  # solo-learn's scripts/pretrain/cifar/mocov3.yaml
+    if recipe == "cifar10_mocov3":  # solo-learn's bash_files/pretrain/cifar/mocov3.sh at bbf2d7e
         assert cfg.backbone.name == "resnet18" and cfg.backbone.cifar_stem and m.proj_layers == 2
         assert (cfg.optimizer.base_lr, cfg.optimizer.weight_decay, cfg.batch_size) == (0.3, 1e-6, 256)
         assert cfg.augment.views[1].solarize_p == 0.2

@@ -45,6 +45,8 @@ class BarlowTwins(Method):
         proj_output_dim: PositiveInt = 8192,
         lambda_param: PositiveFloat = 0.0051,
         scale_loss: PositiveFloat = 1.0,
+        proj_layers: PositiveInt = 3,
+        proj_last_bias: bool = False,
         gather_distributed: bool = True,
         concat_views: bool = True,
         name: str = "barlowtwins",
@@ -54,8 +56,9 @@ class BarlowTwins(Method):
         2048-wide, scale_loss 0.1; its loss is scale_loss x lightly's BarlowTwinsLoss)."""
         super().__init__(backbone, concat_views)
         self.lambda_param, self.scale_loss, self.gather = lambda_param, scale_loss, gather_distributed
-        dims = [self.num_features, proj_hidden_dim, proj_hidden_dim, proj_output_dim]
-        self.projector = mlp(dims, last_bias=False)
+        # lightly's CIFAR-10 benchmark: 2 layers, the last Linear with a bias (proj_last_bias)
+        dims = [self.num_features, *[proj_hidden_dim] * (proj_layers - 1), proj_output_dim]
+        self.projector = mlp(dims, last_bias=proj_last_bias)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z0, z1 = self.embed_views(views, self.projector)

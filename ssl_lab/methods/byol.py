@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssl_lab.config import PositiveInt, Probability
+from ssl_lab.config import PositiveFloat, PositiveInt, Probability
 from ssl_lab.methods.base import Method
 from ssl_lab.methods.parts import MomentumTeacher, mlp, negative_cosine
 
@@ -29,10 +29,14 @@ class BYOL(Method):
         pred_hidden_dim: PositiveInt = 4096,
         momentum_base: Probability = 0.996,  # the paper's tau_base (sec. 3.3; solo-learn CIFAR: 0.99)
         momentum_end: Probability = 1.0,
+        loss_scale: PositiveFloat = 1.0,
         concat_views: bool = True,
         name: str = "byol",
     ) -> None:
         super().__init__(backbone, concat_views)
+        # The loss times `loss_scale`: 0.25 gives lightly's gradient (its 0.5 (-cos + -cos) against the
+        # paper's (2 - 2 cos) + (2 - 2 cos): 1/4 of it, with SGD a quarter of the step).
+        self.loss_scale = loss_scale
         # The paper's MLPs (sec. 3.3): Linear 4096, BN, ReLU, Linear 256, for both heads.
         self.projector = mlp([self.num_features, proj_hidden_dim, proj_output_dim])
         self.predictor = mlp([proj_output_dim, pred_hidden_dim, proj_output_dim])
@@ -50,7 +54,7 @@ class BYOL(Method):
             t0, t1 = self.per_view(lambda x: self.teacher.projector(self.teacher.backbone(x)), views)
         # Symmetrised as the paper (sec. 3.1: L + L~), its code and solo-learn do: the sum of the two
         # views' terms, each a batch mean (lightly's example halves it).
-        loss = byol_loss(p0, t1) + byol_loss(p1, t0)
+        loss = self.loss_scale * (byol_loss(p0, t1) + byol_loss(p1, t0))
         with torch.no_grad():  # collapse shows as ~0; a spread-out projection ~ 1/sqrt(dim)
             z_std = sum(F.normalize(z.float(), dim=1).std(dim=0).mean() for z in (z0, z1)) / 2
         return {"loss": loss, "momentum": self.teacher.momentum.clone(), "z_std": z_std}

@@ -127,10 +127,13 @@ class DINO(Method):
         local_crop_size: PositiveInt | None = None,
         local_crop_scale: Sequence[float] = (0.05, 0.4),
         global_crop_scale: Sequence[float] | None = None,
+        evaluate_student: bool = False,
         concat_views: bool = True,
         name: str = "dino",
     ) -> None:
         super().__init__(backbone, concat_views)
+        if evaluate_student:  # lightly's benchmarks evaluate the student's backbone (lightly #1471)
+            self.evaluated, self.evaluated_head = "backbone", "head.mlp"
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
         self.warmup_teacher_temp, self.warmup_teacher_temp_epochs = (
             warmup_teacher_temp,

@@ -50,6 +50,7 @@ class MoCoV3(Method):
         backbone: nn.Module,
         temperature: PositiveFloat = 0.2,
         momentum: Probability = 0.99,
+        momentum_end: Probability = 1.0,
         proj_hidden_dim: PositiveInt = 4096,
         proj_output_dim: PositiveInt = 256,
         proj_layers: PositiveInt = 2,
@@ -77,9 +78,11 @@ class MoCoV3(Method):
             if patch_embed is None:
                 raise ValueError(f"freeze_patch_embed: {type(backbone).__name__} has no patch_embed")
             patch_embed.requires_grad_(False)
-        # The teacher: backbone and projector, EMA per optimizer step, cosine from `momentum` to 1
-        # (the paper's 0.99; main_moco.py --moco-m-cos).
-        self.teacher = MomentumTeacher({"backbone": self.backbone, "projector": self.projector}, momentum)
+        # The teacher: backbone and projector, EMA per optimizer step, cosine from `momentum` to
+        # momentum_end (the paper's 0.99 to 1, main_moco.py --moco-m-cos; equal: a fixed momentum).
+        self.teacher = MomentumTeacher(
+            {"backbone": self.backbone, "projector": self.projector}, momentum, momentum_end
+        )
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         q1, q2 = self.per_view(lambda x: self.predictor(self.projector(self.backbone(x))), views)

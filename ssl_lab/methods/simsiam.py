@@ -23,6 +23,8 @@ class SimSiam(Method):
         proj_hidden_dim: PositiveInt = 2048,
         proj_output_dim: PositiveInt = 2048,
         pred_hidden_dim: PositiveInt = 512,
+        proj_layers: PositiveInt = 3,
+        proj_last_affine: bool = False,
         fixed_predictor_lr: bool = True,
         concat_views: bool = True,
         name: str = "simsiam",
@@ -31,8 +33,10 @@ class SimSiam(Method):
         self.fixed_predictor_lr = fixed_predictor_lr
         # The paper's projector (sec. 3, baseline settings): 3 layers, BN after each, the output's
         # without its learnable scale and shift (the official code's BatchNorm1d(dim, affine=False)).
-        dims = [self.num_features, proj_hidden_dim, proj_hidden_dim, proj_output_dim]
-        self.projector = mlp(dims, last_bn=True, last_affine=False)
+        # lightly's CIFAR-10 benchmark: 2 layers (the paper's CIFAR projector, sec. 4.2), the last BN
+        # with its scale and shift (proj_last_affine).
+        dims = [self.num_features, *[proj_hidden_dim] * (proj_layers - 1), proj_output_dim]
+        self.projector = mlp(dims, last_bn=True, last_affine=proj_last_affine)
         # The predictor: a bottleneck (2048 -> 512 -> 2048), BN on its hidden layer only.
         self.predictor = mlp([proj_output_dim, pred_hidden_dim, proj_output_dim])
 

@@ -103,6 +103,7 @@ class SwAV(Method):
         local_crop_size: PositiveInt | None = None,
         local_crop_scale: Sequence[float] = (0.05, 0.14),
         global_crop_scale: Sequence[float] | None = None,
+        prototypes_bias: bool = False,
         concat_views: bool = True,
         name: str = "swav",
     ) -> None:
@@ -134,7 +135,9 @@ class SwAV(Method):
             ("SwAV", "0.05-0.14 and 0.14-1"),
         )
         self.projector = mlp([self.num_features, proj_hidden_dim, proj_output_dim])
-        self.prototypes = nn.Linear(proj_output_dim, num_prototypes, bias=False)
+        # a Linear without bias (main_swav.py); lightly's SwaVPrototypes have one (prototypes_bias),
+        # added to the scores and not normalised
+        self.prototypes = nn.Linear(proj_output_dim, num_prototypes, bias=prototypes_bias)
         self.normalize_prototypes()
         if queue_size:  # past embeddings of each global view; zeros until filled (main_swav.py)
             self.register_buffer("queue", torch.zeros(2, queue_size, proj_output_dim))
@@ -155,12 +158,17 @@ class SwAV(Method):
         with torch.autocast(views[0].device.type, enabled=False):  # fp32 scores (see swav_loss)
             z = [F.normalize(p.float(), dim=1) for p in projected]
             prototypes = self.prototypes.weight.float()
-            scores = [F.linear(x, prototypes) for x in z]
+            bias = None if self.prototypes.bias is None else self.prototypes.bias.float()
+            scores = [F.linear(x, prototypes, bias) for x in z]
             if not self.queue_size:
                 return {"loss": swav_loss(scores, self.temperature, self.epsilon, self.iterations)}
             share = distributed.shard(self.queue_size)  # this process's rows of the shared queue
             with torch.no_grad():
-                queue_scores = self.queue[:, share.start : share.stop] @ prototypes.detach().T
+                queue_scores = F.linear(
+                    self.queue[:, share.start : share.stop],
+                    prototypes.detach(),
+                    None if bias is None else bias.detach(),
+                )
             used = self.queue_filled >= self.queue_size
             loss = swav_loss(scores, self.temperature, self.epsilon, self.iterations, 2, queue_scores, used)
         self.push(torch.stack(z[:2]))  # after the scores read the queue

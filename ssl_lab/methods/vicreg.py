@@ -67,6 +67,8 @@ class VICReg(Method):
         var_loss_weight: NonNegativeFloat = 25.0,
         cov_loss_weight: NonNegativeFloat = 1.0,
         eps: PositiveFloat = 1e-4,
+        proj_layers: PositiveInt = 3,
+        proj_last_bias: bool = False,
         gather_distributed: bool = True,
         concat_views: bool = True,
         name: str = "vicreg",
@@ -82,8 +84,9 @@ class VICReg(Method):
         super().__init__(backbone, concat_views)
         self.weights = (sim_loss_weight, var_loss_weight, cov_loss_weight)
         self.eps, self.gather = eps, gather_distributed
-        dims = [self.num_features, proj_hidden_dim, proj_hidden_dim, proj_output_dim]
-        self.projector = mlp(dims, last_bias=False)
+        # lightly's VICRegProjectionHead in its example: 2 layers, the last Linear with a bias
+        dims = [self.num_features, *[proj_hidden_dim] * (proj_layers - 1), proj_output_dim]
+        self.projector = mlp(dims, last_bias=proj_last_bias)
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z0, z1 = self.embed_views(views, self.projector)

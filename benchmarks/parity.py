@@ -1,0 +1,117 @@
+"""ssl_lab's training step fed with either ssl_lab's batched augmentation or lightly's own per-sample
+transforms: one thing changed at a time, to find where a gap to lightly's examples comes from.
+
+    python benchmarks/parity.py experiment=lightly_mocov2 data.limit_train=10000 seed=0 --views lightly
+    python benchmarks/parity.py experiment=lightly_mocov2 data.limit_train=10000 seed=0 --views ssl_lab
+    python benchmarks/parity.py ... --views lightly --lightly-blur 0      # lightly's views without blur
+
+Everything but the views is the runner's: the model and step from ssl_lab.build, the data subset and its
+epoch order, the schedule; the kNN at the end is the runner's eval=knn (k 200, T 0.1, the labelled
+training subset as the bank, the test split as the queries). `--views lightly` runs the experiment's
+lightly transform (LIGHTLY_VIEWS) in 2 DataLoader workers on PIL images, as lightly's examples do. A test-only
+path: it imports lightly (the dev extra). Prints one JSON line; experiments/README.md records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from ssl_lab.build import Prefetch, build_model, build_step, pick_device
+from ssl_lab.config import check_config, compose
+from ssl_lab.data.loader import batches, epoch_order
+from ssl_lab.eval.knn import knn_accuracy
+
+
+def lightly_views(experiment: str, blur: float | None):
+    """The lightly transform of the example that `experiment` reproduces (blur p overridden if given)."""
+    from lightly import transforms as T
+
+    kwargs = {} if blur is None else {"gaussian_blur": blur}
+    if experiment == "lightly_mocov2":
+        return T.MoCoV2Transform(input_size=32, **kwargs)
+    if experiment == "lightly_simsiam":
+        return T.SimSiamTransform(input_size=32, **kwargs)
+    if experiment == "lightly_vicreg":
+        return T.VICRegTransform(input_size=32, **kwargs)
+    if experiment == "lightly_simclr":  # the example turns the blur off
+        return T.SimCLRTransform(input_size=32, gaussian_blur=0.0 if blur is None else blur)
+    if experiment == "lightly_nnclr":
+        return T.SimCLRTransform(input_size=32, **kwargs)
+    if experiment in ("lightly_byol", "lightly_barlowtwins"):
+        blur = 0.0 if blur is None else blur
+        return T.BYOLTransform(
+            view_1_transform=T.BYOLView1Transform(input_size=32, gaussian_blur=blur),
+            view_2_transform=T.BYOLView2Transform(input_size=32, gaussian_blur=blur),
+        )
+    raise SystemExit(f"no lightly transform known for experiment={experiment}")
+
+
+class PILViews(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor, order: torch.Tensor, transform) -> None:
+        self.images, self.order, self.transform = images, order, transform
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        image = Image.fromarray(self.images[self.order[i]].permute(1, 2, 0).numpy())
+        return tuple(self.transform(image)[:2])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--views", choices=("ssl_lab", "lightly"), required=True)
+    parser.add_argument(
+        "--lightly-blur", type=float, default=None, help="lightly's blur p (default: the example's)"
+    )
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_intermixed_args()
+    cfg = compose("train", [*args.overrides, "logger=none"])
+    check_config(cfg)
+    experiment = next(o.split("=", 1)[1] for o in args.overrides if o.startswith("experiment="))
+    device = pick_device(cfg.trainer.device)
+    torch.manual_seed(cfg.seed)
+    data = instantiate(cfg.data, num_workers=cfg.trainer.num_workers)
+    model = build_model(cfg, device)
+    steps_per_epoch = len(data.train) // cfg.batch_size
+    step = build_step(cfg, model, instantiate(cfg.augment).to(device), steps_per_epoch)
+    transform = lightly_views(experiment, args.lightly_blur) if args.views == "lightly" else None
+    start, i = time.perf_counter(), 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = epoch_order(len(data.train), cfg.seed, epoch)
+        if transform is None:
+            rng = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch + 7)  # the runner's stream
+            loader = batches(data.train, order, cfg.batch_size, drop_last=True, device=device)
+            for views, _ in Prefetch(step, loader, rng, device):
+                out = step.train_on(views, i)
+                i += 1
+        else:
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # the workers' seeds
+            loader = torch.utils.data.DataLoader(
+                PILViews(data.train.images, order, transform), batch_size=cfg.batch_size, drop_last=True,
+                num_workers=args.workers,
+            )  # fmt: skip
+            for views in loader:
+                layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+                views = [v.to(device).contiguous(memory_format=layout) for v in views]
+                out = step.train_on(views, i)
+                i += 1
+        print(f"epoch {epoch + 1}/{cfg.epochs} loss {out['loss'].item():.4f} ({time.perf_counter() - start:.0f} s)",
+              flush=True)  # fmt: skip
+    top1 = knn_accuracy(model, data, 200, 0.1, device=device, batch_size=512, autocast_dtype=None,
+                        channels_last=cfg.trainer.channels_last, num_workers=0)["top1"]  # fmt: skip
+    print(json.dumps({"experiment": experiment, "views": args.views, "lightly_blur": args.lightly_blur,
+                      "overrides": args.overrides, "knn_top1": round(top1, 2), "loss": round(out["loss"].item(), 4),
+                      "seconds": round(time.perf_counter() - start)}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
