@@ -4,6 +4,11 @@ transforms: one thing changed at a time, to find where a gap to lightly's exampl
     python benchmarks/parity.py experiment=lightly_mocov2 data.limit_train=10000 seed=0 --views lightly
     python benchmarks/parity.py experiment=lightly_mocov2 data.limit_train=10000 seed=0 --views ssl_lab
     python benchmarks/parity.py ... --views lightly --lightly-blur 0      # lightly's views without blur
+    python benchmarks/parity.py experiment=lightly_mocov2 ... --views lightly --loop lightly   # lightly's example
+
+`--loop lightly` (MoCo only) trains lightly's example instead of ssl_lab's step: lightly's heads, its
+NTXentLoss with a memory bank and update_momentum before each step with the momentum of the epoch
+(cosine_schedule), as examples/pytorch/moco.py does, on the same data, views and kNN.
 
 Everything but the views is the runner's: the model and step from ssl_lab.build, the data subset and its
 epoch order, the schedule; the kNN at the end is the runner's eval=knn (k 200, T 0.1, the labelled
@@ -52,6 +57,39 @@ def lightly_views(experiment: str, blur: float | None):
     raise SystemExit(f"no lightly transform known for experiment={experiment}")
 
 
+def lightly_moco(model, cfg):
+    """examples/pytorch/moco.py's training step with lightly's parts, on ssl_lab's (same-architecture)
+    backbone, whose evaluated network the kNN then reads: MoCoProjectionHead, NTXentLoss with a memory
+    bank, update_momentum with cosine_schedule(epoch, epochs, 0.996, 1) before each step, SGD 0.06."""
+    import copy
+
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import MoCoProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    backbone = model.backbone
+    head = MoCoProjectionHead(model.num_features, 512, 128)
+    backbone_m, head_m = copy.deepcopy(backbone), copy.deepcopy(head)
+    deactivate_requires_grad(backbone_m), deactivate_requires_grad(head_m)
+    criterion = NTXentLoss(memory_bank_size=(4096, 128))
+    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.06)
+
+    def step(views, epoch):
+        m = cosine_schedule(epoch, cfg.epochs, 0.996, 1)
+        update_momentum(backbone, backbone_m, m=m)
+        update_momentum(head, head_m, m=m)
+        query = head(backbone(views[0]))
+        key = head_m(backbone_m(views[1])).detach()
+        loss = criterion(query, key)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return {"loss": loss.detach()}
+
+    return step
+
+
 class PILViews(torch.utils.data.Dataset):
     def __init__(self, images: torch.Tensor, order: torch.Tensor, transform) -> None:
         self.images, self.order, self.transform = images, order, transform
@@ -72,6 +110,7 @@ def main() -> None:
         "--lightly-blur", type=float, default=None, help="lightly's blur p (default: the example's)"
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--loop", choices=("ssl_lab", "lightly"), default="ssl_lab")
     args = parser.parse_intermixed_args()
     cfg = compose("train", [*args.overrides, "logger=none"])
     check_config(cfg)
@@ -83,6 +122,11 @@ def main() -> None:
     steps_per_epoch = len(data.train) // cfg.batch_size
     step = build_step(cfg, model, instantiate(cfg.augment).to(device), steps_per_epoch)
     transform = lightly_views(experiment, args.lightly_blur) if args.views == "lightly" else None
+    lightly_step = None
+    if args.loop == "lightly":
+        if experiment != "lightly_mocov2" or transform is None:
+            raise SystemExit("--loop lightly: experiment=lightly_mocov2 with --views lightly only")
+        lightly_step = lightly_moco(model, cfg)
     start, i = time.perf_counter(), 0
     for epoch in range(cfg.epochs):
         model.train()
@@ -102,13 +146,13 @@ def main() -> None:
             for views in loader:
                 layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
                 views = [v.to(device).contiguous(memory_format=layout) for v in views]
-                out = step.train_on(views, i)
+                out = step.train_on(views, i) if lightly_step is None else lightly_step(views, epoch)
                 i += 1
         print(f"epoch {epoch + 1}/{cfg.epochs} loss {out['loss'].item():.4f} ({time.perf_counter() - start:.0f} s)",
               flush=True)  # fmt: skip
     top1 = knn_accuracy(model, data, 200, 0.1, device=device, batch_size=512, autocast_dtype=None,
                         channels_last=cfg.trainer.channels_last, num_workers=0)["top1"]  # fmt: skip
-    print(json.dumps({"experiment": experiment, "views": args.views, "lightly_blur": args.lightly_blur,
+    print(json.dumps({"experiment": experiment, "views": args.views, "loop": args.loop, "lightly_blur": args.lightly_blur,
                       "overrides": args.overrides, "knn_top1": round(top1, 2), "loss": round(out["loss"].item(), 4),
                       "seconds": round(time.perf_counter() - start)}), flush=True)  # fmt: skip
 

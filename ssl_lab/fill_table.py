@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 import yaml
+from omegaconf import DictConfig
 
-from ssl_lab.config import CONF_DIR
+from ssl_lab.config import CONF_DIR, check_config, compose
 from ssl_lab.errors import UserError, run_reporting_errors
 
 RESULTS = Path("benchmarks/results/lightly_cifar10.jsonl")
@@ -80,6 +81,14 @@ def done(lines: list[dict[str, Any]], overrides: list[str]) -> set[str]:
 # ---------------------------------------------------------------------------- measuring a row
 
 
+def row_config(row: str, overrides: list[str]) -> DictConfig:
+    """The row's config as its run composes it (not the bench's defaults, which would swap in their
+    backbone, batch and data)."""
+    cfg = compose("train", [f"experiment={row}", *overrides])
+    check_config(cfg)
+    return cfg
+
+
 def measure(row: str, overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[str, float]:
     """What one row costs here, from the runner's own builder: seconds per training step (the full step,
     batches and augmentation included; the first step, which compiles when trainer.compile, apart), per
@@ -88,7 +97,7 @@ def measure(row: str, overrides: list[str], steps: int = 20, warmup: int = 5) ->
     from ssl_lab.build import pick_device
     from ssl_lab.eval.knn import knn_accuracy
 
-    cfg = bench.compose_config([f"experiment={row}", *overrides])
+    cfg = row_config(row, overrides)
     device = pick_device(cfg.trainer.device)
     start = time.perf_counter()
     data = bench.load_data(cfg)
@@ -220,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fill_table: {len(rows) - len(todo)} of {len(rows)} rows done ({args.results}, {out_file}); "
           f"budget {args.budget:.0f} s; torch {torch.__version__}, "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}", flush=True)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot write to --out {args.out} ({e.strerror}); pass a writable directory"
+        ) from None
     filled, skipped = [], []
     for row in todo:
         cost = measure(row, args.overrides)

@@ -80,7 +80,8 @@ class Run:
     def test_knn(self) -> float | None:
         """lightly's benchmark figure (monitor.test_every): kNN with every labelled training image as the
         bank and the test split as the queries, logged as test/knn_top1; the best so far is kept in
-        `test_knn_best` (epoch, top-1) and reported at the end. Not a figure to select on."""
+        `test_knn_best` (epoch, top-1: since this process started; metrics.jsonl holds every epoch's) and
+        reported at the end. Not a figure to select on."""
         if self.data.memory is None or self.data.test is None:
             return None
         cfg = self.cfg.monitor

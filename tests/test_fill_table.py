@@ -80,3 +80,14 @@ def test_the_table_sets_ssl_labs_figure_beside_lightlys_and_flags_a_gap_as_a_fin
     assert "6.8 | 108.3 | 0.06 |" in text  # 405 s against lightly's 108.3 min
     assert "**finding**: more than 1.5 points below lightly's figure (byol **finding**" not in text
     assert "(byol)" in text
+
+
+def test_a_row_is_measured_as_it_trains_not_with_the_benchs_defaults() -> None:
+    cfg = fill_table.row_config("lightly_cifar10_mocov2", [])
+    assert (cfg.batch_size, cfg.data.name, cfg.backbone.cifar_stem, cfg.backbone.bn_splits) == (
+        512,
+        "cifar10",
+        True,
+        8,
+    )
+    assert fill_table.row_config("lightly_cifar10_simclr", ["batch_size=64"]).batch_size == 64
