@@ -283,3 +283,25 @@ def test_a_fixed_momentum_is_exactly_fixed() -> None:
     from ssl_lab.methods.parts import cosine_momentum
 
     assert {cosine_momentum(s, 19400, 0.99, 0.99) for s in range(0, 19400, 7)} == {0.99}
+
+
+@pytest.mark.slow
+def test_the_table_runs_as_one_multirun_and_reports_lightlys_figure(tmp_path: Path) -> None:
+    """-m compare=lightly_cifar10, every row, tiny (8 px synthetic images, 1 epoch): each job finishes,
+    and python -m ssl_lab.report sets the best test kNN (lightly's figure) beside the published one."""
+    from conftest import run_cli
+
+    tiny = ["data=synthetic", "data.num_train=64", "data.num_test=32", "data.image_size=8", "batch_size=16",
+            "epochs=1", "trainer.num_workers=0", "logger=none"]  # fmt: skip
+    result = run_cli("-m", "compare=lightly_cifar10", *tiny, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sweep,) = (tmp_path / "outputs" / "multirun").iterdir()
+    report = run_cli(str(sweep), cwd=tmp_path, module="ssl_lab.report")
+    assert report.returncode == 0, report.stderr[-2000:]
+    rows = [
+        line for line in report.stdout.splitlines() if line.startswith("| ") and "lightly_cifar10_" in line
+    ]
+    assert len(rows) == len(ROWS) and all("| finished |" in row for row in rows)
+    assert (
+        "test/knn_top1 best (lightly's figure)" in report.stdout and "84.80 (kNN k=200 T=0.1" in report.stdout
+    )
