@@ -208,6 +208,16 @@ def assert_example_views(augment, transform) -> None:
             assert mine.blur_kernel >= 6 * max(theirs["blur_sigma"])  # PIL's blur is not truncated
 
 
+def byol_views():
+    """BYOL's two views without blur, as lightly's BYOL and Barlow Twins examples build them."""
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+    return BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=32, gaussian_blur=0.0),
+        view_2_transform=BYOLView2Transform(input_size=32, gaussian_blur=0.0),
+    )
+
+
 def assert_example_optimizer(cfg, model, augment) -> None:
     """The examples' torch.optim.SGD(model.parameters(), lr=0.06): no momentum, no decay, no schedule."""
     step = build_step(cfg, model, augment, steps_per_epoch=10)
@@ -239,18 +249,13 @@ def test_lightly_mocov2_is_lightlys_moco_example() -> None:
 
 def test_lightly_byol_is_lightlys_byol_example() -> None:
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 
     cfg, model, augment = composed("lightly_byol")
     assert layers(model.projector) == layers(BYOLProjectionHead(512, 1024, 256))
     assert layers(model.predictor) == layers(BYOLPredictionHead(256, 1024, 256))
     assert model.loss_scale == 0.25  # 0.5 (NegativeCosineSimilarity + ...): tests/test_lightly_cifar10.py
     assert (cfg.method.momentum_base, cfg.method.momentum_end) == (0.996, 1.0)
-    transform = BYOLTransform(
-        view_1_transform=BYOLView1Transform(input_size=32, gaussian_blur=0.0),
-        view_2_transform=BYOLView2Transform(input_size=32, gaussian_blur=0.0),
-    )
-    assert_example_views(augment, transform)
+    assert_example_views(augment, byol_views())
     assert_example_optimizer(cfg, model, augment)
 
 
@@ -268,16 +273,11 @@ def test_lightly_simsiam_is_lightlys_simsiam_example() -> None:
 def test_lightly_barlowtwins_is_lightlys_barlowtwins_example() -> None:
     from lightly.loss import BarlowTwinsLoss
     from lightly.models.modules import BarlowTwinsProjectionHead
-    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 
     cfg, model, augment = composed("lightly_barlowtwins")
     assert layers(model.projector) == layers(BarlowTwinsProjectionHead(512, 2048, 2048))
     assert model.lambda_param == BarlowTwinsLoss().lambda_param and model.scale_loss == 1.0
-    transform = BYOLTransform(
-        view_1_transform=BYOLView1Transform(input_size=32, gaussian_blur=0.0),
-        view_2_transform=BYOLView2Transform(input_size=32, gaussian_blur=0.0),
-    )
-    assert_example_views(augment, transform)
+    assert_example_views(augment, byol_views())
     assert_example_optimizer(cfg, model, augment)
 
 
