@@ -308,15 +308,14 @@ class Prefetch:
             ready = self.prepare()  # ... and batch i+1 is made meanwhile
 
     def prepare(self) -> tuple[list[torch.Tensor], torch.Tensor | None] | None:
-        batch = next(self.batches, None)  # gathered on the side stream too, for sets held on the GPU
-        if batch is None:
-            return None
         if self.side is None:
-            return self.make(*batch)
+            batch = next(self.batches, None)
+            return None if batch is None else self.make(*batch)
         # the side stream may reuse memory the training stream freed: it starts after what was queued
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.side):
-            return self.make(*batch)
+            batch = next(self.batches, None)  # a set held on the GPU is gathered here, on the side stream
+            return None if batch is None else self.make(*batch)
 
     def make(
         self, images: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor | None
