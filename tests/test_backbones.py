@@ -97,3 +97,12 @@ def test_lightlys_benchmark_resnet_has_no_relu_after_the_stem_and_every_batchnor
     assert {m.num_splits for m in ours.modules() if isinstance(m, SplitBatchNorm2d)} == {8}
     with pytest.raises(UserError, match="backbone.bn_splits=-1"):
         torchvision_resnet("resnet18", bn_splits=-1)
+
+
+@pytest.mark.slow
+def test_split_batchnorm_compiles_in_one_graph() -> None:
+    """No graph break (so no host sync hidden in it on a GPU): torch.compile(fullgraph=True)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3)
+    compiled = torch.compile(SplitBatchNorm2d(4, 2), fullgraph=True)
+    torch.testing.assert_close(compiled(x), SplitBatchNorm2d(4, 2)(x), atol=1e-5, rtol=1e-5)

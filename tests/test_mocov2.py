@@ -140,3 +140,12 @@ def test_shuffled_keys_are_the_teachers_keys_of_a_shuffled_batch_put_back() -> N
 def test_a_shared_queue_without_the_symmetric_loss_is_a_one_line_error() -> None:
     with pytest.raises(UserError, match="method.shared_queue=true .* set method.symmetric=true"):
         small_mocov2(shared_queue=True)
+
+
+@pytest.mark.slow
+def test_shuffled_keys_and_a_shared_queue_compile_in_one_graph() -> None:
+    """lightly's benchmark MoCo (shuffle_keys, shared_queue): no graph break, so no host sync in it."""
+    model = small_mocov2(symmetric=True, shared_queue=True, shuffle_keys=True)
+    views = [torch.randn(6, 16), torch.randn(6, 16), torch.rand(6, 2)]
+    loss = torch.compile(model.training_step, fullgraph=True)(views)["loss"]
+    assert torch.isfinite(loss) and loss.requires_grad
