@@ -140,3 +140,21 @@ def test_gpu_check_skips_the_parts_its_budget_leaves_no_time_for():
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("(skipped: ") == len(PARTS), result.stdout
     assert "img/s" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    "mode", [["--views", "ssl_lab"], ["--views", "lightly"], ["--views", "lightly", "--loop", "lightly"]]
+)
+def test_the_parity_script_runs_each_pairing(mode, tmp_path):
+    """benchmarks/parity.py (experiments/README.md: MoCo and the blur), tiny: one JSON line a run."""
+    import json
+    import sys
+
+    args = ["experiment=lightly_mocov2", "data=synthetic", "data.num_train=64", "data.num_test=32",
+            "data.image_size=16", "batch_size=32", "epochs=1", "method.queue_size=64", *mode]  # fmt: skip
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parity.py"), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["views"] == mode[1] and line["loop"] == (mode[3] if len(mode) > 2 else "ssl_lab")
+    assert 0 <= line["knn_top1"] <= 100
