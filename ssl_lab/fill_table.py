@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         "--results", type=Path, default=RESULTS, help=f"rows already done (default {RESULTS})"
     )
     parser.add_argument("--rows", help="only these rows, e.g. simclr,byol (default: every row, in order)")
+    parser.add_argument(
+        "--margin", type=float, default=MARGIN, help=f"start a row if its prediction x this fits ({MARGIN})"
+    )
     args = parser.parse_intermixed_args(argv)
     start = time.monotonic()
     deadline = start + args.budget
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         left = deadline - time.monotonic()
         summary = (f"{row}: {cost['steps_per_epoch'] * cost['step_s']:.2f} s/epoch + kNN {cost['knn_s']:.2f} s, "
                    f"first step {cost['first_step_s']:.1f} s, predicted {predicted:.0f} s")  # fmt: skip
-        if predicted * MARGIN > left:
+        if predicted * args.margin > left:
             print(f"{summary}: does not fit in the {left:.0f} s left, not started", flush=True)
             skipped.append(row)
             continue
