@@ -57,7 +57,7 @@ def lightly_views(experiment: str, blur: float | None):
     raise SystemExit(f"no lightly transform known for experiment={experiment}")
 
 
-def lightly_moco(model, cfg):
+def lightly_moco(model, cfg, steps_per_epoch: int, momentum: str = "epoch"):
     """examples/pytorch/moco.py's training step with lightly's parts, on ssl_lab's (same-architecture)
     backbone, whose evaluated network the kNN then reads: MoCoProjectionHead, NTXentLoss with a memory
     bank, update_momentum with cosine_schedule(epoch, epochs, 0.996, 1) before each step, SGD 0.06."""
@@ -75,8 +75,15 @@ def lightly_moco(model, cfg):
     criterion = NTXentLoss(memory_bank_size=(4096, 128))
     optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.06)
 
+    steps = iter(range(10**9))
+
     def step(views, epoch):
-        m = cosine_schedule(epoch, cfg.epochs, 0.996, 1)
+        i = next(steps)  # per step over all the run's steps, as ssl_lab's MomentumTeacher
+        m = (
+            cosine_schedule(epoch, cfg.epochs, 0.996, 1)
+            if momentum == "epoch"
+            else cosine_schedule(i, cfg.epochs * steps_per_epoch, 0.996, 1)
+        )
         update_momentum(backbone, backbone_m, m=m)
         update_momentum(head, head_m, m=m)
         query = head(backbone(views[0]))
@@ -111,6 +118,8 @@ def main() -> None:
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--loop", choices=("ssl_lab", "lightly"), default="ssl_lab")
+    parser.add_argument("--lightly-momentum", choices=("epoch", "step"), default="epoch",
+                        help="lightly's loop: the EMA momentum's cosine per epoch (the example) or per step (ssl_lab's)")  # fmt: skip
     args = parser.parse_intermixed_args()
     cfg = compose("train", [*args.overrides, "logger=none"])
     check_config(cfg)
@@ -126,7 +135,7 @@ def main() -> None:
     if args.loop == "lightly":
         if experiment != "lightly_mocov2" or transform is None:
             raise SystemExit("--loop lightly: experiment=lightly_mocov2 with --views lightly only")
-        lightly_step = lightly_moco(model, cfg)
+        lightly_step = lightly_moco(model, cfg, steps_per_epoch, args.lightly_momentum)
     start, i = time.perf_counter(), 0
     for epoch in range(cfg.epochs):
         model.train()
@@ -153,6 +162,7 @@ def main() -> None:
     top1 = knn_accuracy(model, data, 200, 0.1, device=device, batch_size=512, autocast_dtype=None,
                         channels_last=cfg.trainer.channels_last, num_workers=0)["top1"]  # fmt: skip
     print(json.dumps({"experiment": experiment, "views": args.views, "loop": args.loop, "lightly_blur": args.lightly_blur,
+                      "lightly_momentum": args.lightly_momentum,
                       "overrides": args.overrides, "knn_top1": round(top1, 2), "loss": round(out["loss"].item(), 4),
                       "seconds": round(time.perf_counter() - start)}), flush=True)  # fmt: skip
 
