@@ -99,8 +99,10 @@ class MoCoV2(Method):
         directions = [(0, 1), (1, 0)] if self.symmetric else [(0, 1)]
         queries = self.embed_views([views[q] for q, _ in directions], self.projector)
         with torch.no_grad():
-            keys = [self.key(views[k], views[2][:, d] if self.shuffle_keys else None)
-                    for d, (_, k) in enumerate(directions)]  # fmt: skip
+            if self.shuffle_keys:  # each key view in its own order: one pass each
+                keys = [self.key(views[k], views[2][:, d]) for d, (_, k) in enumerate(directions)]
+            else:  # together when concat_views, as the queries
+                keys = self.per_view(lambda x: self.key(x, None), [views[k] for _, k in directions])
         t, loss = self.temperature, 0.0
         pushes = []
         for d, (q, k) in enumerate(zip(queries, keys)):
