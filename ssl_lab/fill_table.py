@@ -90,11 +90,11 @@ def row_config(row: str, overrides: list[str]) -> DictConfig:
 
 
 def measure(row: str, overrides: list[str], steps: int = 20, warmup: int = 5) -> dict[str, float]:
-    """What one row costs here, from the runner's own builder: seconds per training step (the full step,
-    batches and augmentation included; the first step, which compiles when trainer.compile, apart), per
+    """What one row costs here, from the runner's own builder: seconds per training step (the full step as
+    the runner's loop runs it, batches and augmentation included; the first step, which compiles when trainer.compile, apart), per
     kNN pass of monitor.test_every (every training image and the test split), and to load the data."""
     from ssl_lab import bench
-    from ssl_lab.build import pick_device
+    from ssl_lab.build import Prefetch, pick_device
     from ssl_lab.eval.knn import knn_accuracy
 
     cfg = row_config(row, overrides)
@@ -104,17 +104,22 @@ def measure(row: str, overrides: list[str], steps: int = 20, warmup: int = 5) ->
     load_s = time.perf_counter() - start
     _, step, rng, loader = bench.training_inputs(cfg, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # the runner's loop (ssl_lab/loop.py): each batch's views made while the step before runs, one
+    # synchronisation per block; a sync after every step would put the augmentation in series with it
+    prefetched = iter(Prefetch(step, loader, rng, device, cfg.trainer.overlap))
 
-    def one(i: int) -> float:
-        images, labels = next(loader)
+    def block(first: int, n: int) -> float:
         sync()
         begin = time.perf_counter()
-        step(bench.to_device(images, device), rng, i, labels)
+        for i in range(first, first + n):
+            views, labels = next(prefetched)
+            step.train_on(views, i, labels)
         sync()
         return time.perf_counter() - begin
 
-    first_s = one(0)
-    timings = [one(i) for i in range(1, warmup + steps)][warmup - 1 :]
+    first_s = block(0, 1)
+    block(1, warmup - 1)
+    step_s = block(warmup, steps) / steps
     begin = time.perf_counter()
     knn_accuracy(step.model, data, cfg.monitor.k, cfg.monitor.temperature, device=device,
                  batch_size=cfg.monitor.batch_size, autocast_dtype=step.autocast_dtype,
@@ -122,7 +127,7 @@ def measure(row: str, overrides: list[str], steps: int = 20, warmup: int = 5) ->
     knn_s = time.perf_counter() - begin
     steps_per_epoch = len(data.train) // cfg.batch_size
     return {
-        "step_s": statistics.median(timings), "first_step_s": first_s, "knn_s": knn_s, "load_s": load_s,
+        "step_s": step_s, "first_step_s": first_s, "knn_s": knn_s, "load_s": load_s,
         "steps_per_epoch": steps_per_epoch, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "test_every": cfg.monitor.test_every, "monitor_every": cfg.monitor.every,
     }  # fmt: skip
