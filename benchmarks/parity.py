@@ -29,7 +29,7 @@ from PIL import Image
 
 from ssl_lab.build import Prefetch, build_model, build_step, pick_device
 from ssl_lab.config import check_config, compose
-from ssl_lab.data.loader import batches, epoch_order
+from ssl_lab.data.loader import augment_seed, batches, epoch_order
 from ssl_lab.eval.knn import knn_accuracy
 
 
@@ -141,7 +141,7 @@ def main() -> None:
         model.train()
         order = epoch_order(len(data.train), cfg.seed, epoch)
         if transform is None:
-            rng = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch + 7)  # the runner's stream
+            rng = torch.Generator(device).manual_seed(augment_seed(cfg.seed, epoch))  # the runner's stream
             loader = batches(data.train, order, cfg.batch_size, drop_last=True, device=device)
             for views, _ in Prefetch(step, loader, rng, device):
                 out = step.train_on(views, i)

@@ -21,7 +21,7 @@ from ssl_lab import checkpoint, distributed
 from ssl_lab.build import Prefetch, TrainStep
 from ssl_lab.checkpoint import TrainState
 from ssl_lab.data.datasets import DataSplits, ImageSet
-from ssl_lab.data.loader import batches, crop_seed, epoch_order
+from ssl_lab.data.loader import augment_seed, batches, crop_seed, epoch_order
 from ssl_lab.errors import Interrupted, TrainingDiverged
 from ssl_lab.eval.common import features
 from ssl_lab.eval.knn import knn_accuracy, pixel_knn_accuracy
@@ -254,7 +254,7 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
     cfg, state, device = run.cfg, run.state, run.device
     batch_size, steps_per_epoch = cfg.batch_size, len(run.data.train) // cfg.batch_size
     run.step.model.train()
-    aug_rng = torch.Generator(device).manual_seed(cfg.seed * 100_003 + state.epoch + 7)
+    aug_rng = torch.Generator(device).manual_seed(augment_seed(cfg.seed, state.epoch))
     if state.aug_rng is not None and state.aug_rng_device == device.type:  # mid-epoch resume
         aug_rng.set_state(state.aug_rng)  # continue the augmentation stream
     elif state.aug_rng is not None:  # saved on another kind of device: its stream cannot continue here

@@ -18,6 +18,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def augment_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's augmentation stream on the training device (the views, MAE's masks)."""
+    return seed * 100_003 + epoch + 7
+
+
 def crop_seed(seed: int, epoch: int) -> int:
     """The seed of an epoch's crops drawn by the decoding workers; image i's generator is seeded with
     crop_seed + i, so its crops depend on (seed, epoch, image) only: not on the number of processes,
