@@ -6,9 +6,10 @@ transforms: one thing changed at a time, to find where a gap to lightly's exampl
     python benchmarks/parity.py ... --views lightly --lightly-blur 0      # lightly's views without blur
     python benchmarks/parity.py experiment=lightly_mocov2 ... --views lightly --loop lightly   # lightly's example
 
-`--loop lightly` (MoCo only) trains lightly's example instead of ssl_lab's step: lightly's heads, its
-NTXentLoss with a memory bank and update_momentum before each step with the momentum of the epoch
-(cosine_schedule), as examples/pytorch/moco.py does, on the same data, views and kNN.
+`--loop lightly` trains lightly's example instead of ssl_lab's step (MoCo, BYOL, SimSiam, Barlow Twins,
+VICReg): lightly's heads and loss, and for the teacher methods update_momentum before each step with the
+momentum of the epoch (cosine_schedule), as examples/pytorch/<method>.py does, on the same data, views
+and kNN.
 
 Everything but the views is the runner's: the model and step from ssl_lab.build, the data subset and its
 epoch order, the schedule; the kNN at the end is the runner's eval=knn (k 200, T 0.1, the labelled
@@ -57,38 +58,69 @@ def lightly_views(experiment: str, blur: float | None):
     raise SystemExit(f"no lightly transform known for experiment={experiment}")
 
 
-def lightly_moco(model, cfg, steps_per_epoch: int, momentum: str = "epoch"):
-    """examples/pytorch/moco.py's training step with lightly's parts, on ssl_lab's (same-architecture)
-    backbone, whose evaluated network the kNN then reads: MoCoProjectionHead, NTXentLoss with a memory
-    bank, update_momentum with cosine_schedule(epoch, epochs, 0.996, 1) before each step, SGD 0.06."""
+def lightly_step(experiment: str, model, cfg, steps_per_epoch: int, momentum: str = "epoch"):
+    """The training step of lightly's examples/pytorch/<method>.py for MoCo, BYOL, SimSiam, Barlow Twins
+    and VICReg, with lightly's heads and losses, on ssl_lab's (same-architecture) backbone, whose evaluated
+    network the kNN then reads. The teacher methods call update_momentum before each step with the
+    momentum of the epoch (cosine_schedule(epoch, epochs, 0.996, 1)), as the examples do; SGD 0.06."""
     import copy
 
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import MoCoProjectionHead
+    from lightly import loss as L
+    from lightly.models import modules as M
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from lightly.utils.scheduler import cosine_schedule
 
-    backbone = model.backbone
-    head = MoCoProjectionHead(model.num_features, 512, 128)
-    backbone_m, head_m = copy.deepcopy(backbone), copy.deepcopy(head)
-    deactivate_requires_grad(backbone_m), deactivate_requires_grad(head_m)
-    criterion = NTXentLoss(memory_bank_size=(4096, 128))
-    optimizer = torch.optim.SGD([*backbone.parameters(), *head.parameters()], lr=0.06)
-
+    backbone, width = model.backbone, model.num_features
+    method = experiment.removeprefix("lightly_")
+    if method == "mocov2":  # moco.py
+        heads = {"projection": M.MoCoProjectionHead(width, 512, 128)}
+        criterion = L.NTXentLoss(memory_bank_size=(4096, 128))
+    elif method == "byol":  # byol.py
+        heads = {"projection": M.BYOLProjectionHead(width, 1024, 256), "prediction": M.BYOLPredictionHead(256, 1024, 256)}  # fmt: skip
+        criterion = L.NegativeCosineSimilarity()
+    elif method == "simsiam":  # simsiam.py
+        heads = {"projection": M.SimSiamProjectionHead(width, 512, 128), "prediction": M.SimSiamPredictionHead(128, 64, 128)}  # fmt: skip
+        criterion = L.NegativeCosineSimilarity()
+    elif method == "barlowtwins":  # barlowtwins.py
+        heads = {"projection": M.BarlowTwinsProjectionHead(width, 2048, 2048)}
+        criterion = L.BarlowTwinsLoss()
+    elif method == "vicreg":  # vicreg.py
+        heads = {"projection": M.heads.VICRegProjectionHead(width, 2048, 2048, num_layers=2)}
+        criterion = L.VICRegLoss()
+    else:
+        raise SystemExit(f"--loop lightly: no lightly example known for experiment={experiment}")
+    heads = {name: head.to(next(backbone.parameters()).device) for name, head in heads.items()}
+    student = torch.nn.Sequential(backbone, torch.nn.Flatten(1), heads["projection"])
+    teacher = None
+    if method in ("mocov2", "byol"):
+        teacher = copy.deepcopy(student)
+        deactivate_requires_grad(teacher)
+    parameters = [*backbone.parameters(), *(p for head in heads.values() for p in head.parameters())]
+    optimizer = torch.optim.SGD(parameters, lr=0.06)
     steps = iter(range(10**9))
 
     def step(views, epoch):
         i = next(steps)  # per step over all the run's steps, as ssl_lab's MomentumTeacher
-        m = (
-            cosine_schedule(epoch, cfg.epochs, 0.996, 1)
-            if momentum == "epoch"
-            else cosine_schedule(i, cfg.epochs * steps_per_epoch, 0.996, 1)
-        )
-        update_momentum(backbone, backbone_m, m=m)
-        update_momentum(head, head_m, m=m)
-        query = head(backbone(views[0]))
-        key = head_m(backbone_m(views[1])).detach()
-        loss = criterion(query, key)
+        if teacher is not None:
+            m = (
+                cosine_schedule(epoch, cfg.epochs, 0.996, 1)
+                if momentum == "epoch"
+                else cosine_schedule(i, cfg.epochs * steps_per_epoch, 0.996, 1)
+            )
+            update_momentum(student, teacher, m=m)
+        x0, x1 = views
+        if method == "mocov2":
+            loss = criterion(student(x0), teacher(x1).detach())
+        elif method == "byol":
+            p0, p1 = heads["prediction"](student(x0)), heads["prediction"](student(x1))
+            z0, z1 = teacher(x0).detach(), teacher(x1).detach()
+            loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        elif method == "simsiam":
+            z0, z1 = student(x0), student(x1)
+            p0, p1 = heads["prediction"](z0), heads["prediction"](z1)
+            loss = 0.5 * (criterion(z0.detach(), p1) + criterion(z1.detach(), p0))
+        else:
+            loss = criterion(student(x0), student(x1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -131,11 +163,11 @@ def main() -> None:
     steps_per_epoch = len(data.train) // cfg.batch_size
     step = build_step(cfg, model, instantiate(cfg.augment).to(device), steps_per_epoch)
     transform = lightly_views(experiment, args.lightly_blur) if args.views == "lightly" else None
-    lightly_step = None
+    example_step = None
     if args.loop == "lightly":
-        if experiment != "lightly_mocov2" or transform is None:
-            raise SystemExit("--loop lightly: experiment=lightly_mocov2 with --views lightly only")
-        lightly_step = lightly_moco(model, cfg, steps_per_epoch, args.lightly_momentum)
+        if transform is None:
+            raise SystemExit("--loop lightly: with --views lightly only (lightly's example on its own views)")
+        example_step = lightly_step(experiment, model, cfg, steps_per_epoch, args.lightly_momentum)
     start, i = time.perf_counter(), 0
     for epoch in range(cfg.epochs):
         model.train()
@@ -155,7 +187,7 @@ def main() -> None:
             for views in loader:
                 layout = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
                 views = [v.to(device).contiguous(memory_format=layout) for v in views]
-                out = step.train_on(views, i) if lightly_step is None else lightly_step(views, epoch)
+                out = step.train_on(views, i) if example_step is None else example_step(views, epoch)
                 i += 1
         print(f"epoch {epoch + 1}/{cfg.epochs} loss {out['loss'].item():.4f} ({time.perf_counter() - start:.0f} s)",
               flush=True)  # fmt: skip

@@ -142,19 +142,26 @@ def test_gpu_check_skips_the_parts_its_budget_leaves_no_time_for():
     assert "img/s" not in result.stdout
 
 
-@pytest.mark.parametrize(
-    "mode", [["--views", "ssl_lab"], ["--views", "lightly"], ["--views", "lightly", "--loop", "lightly"]]
-)
-def test_the_parity_script_runs_each_pairing(mode, tmp_path):
-    """benchmarks/parity.py (experiments/README.md: MoCo and the blur), tiny: one JSON line a run."""
+PARITY_RUNS = [
+    ("lightly_mocov2", ["--views", "ssl_lab"]),
+    ("lightly_mocov2", ["--views", "lightly"]),
+    *((f"lightly_{m}", ["--views", "lightly", "--loop", "lightly"]) for m in ("mocov2", "byol", "simsiam", "barlowtwins", "vicreg")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("experiment, mode", PARITY_RUNS)
+def test_the_parity_script_runs_each_pairing(experiment, mode, tmp_path):
+    """benchmarks/parity.py (experiments/README.md: parity with lightly's examples), tiny: one JSON line a
+    run; `--loop lightly` for each of the five examples it reproduces."""
     import json
     import sys
 
-    args = ["experiment=lightly_mocov2", "data=synthetic", "data.num_train=64", "data.num_test=32",
-            "data.image_size=16", "batch_size=32", "epochs=1", "method.queue_size=64", *mode]  # fmt: skip
+    queue = ["method.queue_size=64"] if experiment == "lightly_mocov2" else []
+    args = [f"experiment={experiment}", "data=synthetic", "data.num_train=64", "data.num_test=32",
+            "data.image_size=16", "batch_size=32", "epochs=1", *queue, *mode]  # fmt: skip
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parity.py"), *args], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["views"] == mode[1] and line["loop"] == (mode[3] if len(mode) > 2 else "ssl_lab")
-    assert 0 <= line["knn_top1"] <= 100
+    assert line["experiment"] == experiment and 0 <= line["knn_top1"] <= 100
