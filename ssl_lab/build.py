@@ -24,6 +24,7 @@ from ssl_lab.data.augment import Augment
 from ssl_lab.data.datasets import DataSplits
 from ssl_lab.errors import UserError
 from ssl_lab.eval.online_linear import OnlineLinear
+from ssl_lab.health import health as feature_health
 from ssl_lab.methods.base import Draw, Method
 from ssl_lab.optim import build_optimizer, scaled_lr, schedule_step
 
@@ -218,6 +219,9 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out["loss"]).backward()
         self.scaler.unscale_(self.optimizer)  # nothing to do unless fp16
+        norm = grad_norm(self.optimizer)  # before any clipping, the method's (DINO's) included
+        if self.scaler.is_enabled():  # fp16: an overflowed step, skipped by the scaler, logs 0
+            norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
         self.model.after_backward(step, step // self.steps_per_epoch)
         if self.grad_clip:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -225,7 +229,7 @@ class TrainStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.model.after_step(step, self.total_steps)
-        out = {name: value.detach() for name, value in out.items()}
+        out = {name: value.detach() for name, value in out.items()} | {"grad_norm": norm}
         if probing:
             out |= self.probe.step(labels, views[0], step, self.total_steps, dtype)
         return out
@@ -247,6 +251,21 @@ class TrainStep:
         """Step `step` on views already made (`views`, or `Prefetch`): the schedule, then `update`."""
         schedule_step(self.scheduler, step, self.total_steps)
         return self.update(views, step, labels)
+
+    def gradients_broken(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Whether step `out`'s gradients were non-finite while its loss may be finite, on the device.
+        In bf16 and fp32: any NaN/inf in them (the optimizer step has put it in the weights). In fp16
+        an overflow now and then is the loss scaler's business (it skips that step and halves its
+        scale); gradients that stay non-finite however far it scales them down drive the scale below
+        1, which no healthy fp16 run reaches (it starts at 2^16)."""
+        if self.scaler.is_enabled():
+            scale = getattr(self.scaler, "_scale", None)  # the scaler's tensor: reading it does not sync
+            return torch.zeros_like(out["loss"], dtype=torch.bool) if scale is None else (scale < 1).squeeze()
+        return ~torch.isfinite(out["grad_norm"])
+
+    def health(self, first_view: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ssl_lab.health's figures of the evaluated network on `first_view` (the runner: log steps)."""
+        return feature_health(self.model.encoder, first_view, self.autocast_dtype)
 
     @property
     def lr(self) -> float:
@@ -326,6 +345,14 @@ class Prefetch:
             images = images.to(self.device, non_blocking=True)
         labels = None if labels is None else labels.to(self.device, non_blocking=True)
         return self.step.views(images, self.rng), labels
+
+
+def grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The l2 norm of all the gradients of `optimizer`'s parameters together, on the device (one foreach
+    pass; NaN or inf when any of them is)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
 
 
 def probe_classes(cfg: DictConfig, data: DataSplits) -> int:

@@ -91,6 +91,7 @@ class MonitorConfig:
     batch_size: int = knob("monitor.batch_size=512", min=1)
     online_linear: bool = knob("monitor.online_linear=false")
     online_linear_lr: float = knob("monitor.online_linear_lr=0.1", gt=0)
+    health: bool = knob("monitor.health=false")
 
 
 @dataclass

@@ -277,14 +277,14 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
         mininterval=0.5 if sys.stderr.isatty() else 30, dynamic_ncols=True,
     )  # fmt: skip
     metrics: dict[str, float] = {}
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    nonfinite = torch.zeros(2, dtype=torch.bool, device=device)  # the loss, the gradients
     window: dict[str, torch.Tensor] = {}  # sums of the step's outputs (loss, the method's scalars)
     window_steps, window_start = 0, time.perf_counter()
     # each batch's views made while the previous step runs (on a side stream on GPUs: trainer.overlap)
     for views, labels in Prefetch(run.step, loader, aug_rng, device, cfg.trainer.overlap):
         out = run.step.train_on(views, state.step, labels)
         state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
-        nonfinite |= ~torch.isfinite(out["loss"])
+        nonfinite |= torch.stack([~torch.isfinite(out["loss"]), run.step.gradients_broken(out)])
         for name, value in out.items():
             window[name] = window[name] + value.float() if name in window else value.float()
         window_steps += 1
@@ -292,8 +292,12 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
         if state.step % cfg.trainer.log_every == 0 or state.batch_in_epoch == steps_per_epoch:
             check_finite(nonfinite, state, run.run_dir, run.writer)
             seconds = time.perf_counter() - window_start
-            names = list(window)  # one collective and one sync for all of them
-            means = distributed.mean(torch.stack([window.pop(n) for n in names]) / window_steps).tolist()
+            names = list(window)
+            values = [window.pop(n) / window_steps for n in names]
+            if cfg.monitor.health:  # ssl_lab.health: the evaluated network on this step's first view
+                signals = run.step.health(views[0])
+                names, values = [*names, *signals], [*values, *signals.values()]
+            means = distributed.mean(torch.stack(values)).tolist()  # one collective and one sync for all
             metrics = {
                 **{f"train/{name}": value for name, value in zip(names, means)},
                 "train/lr": run.step.lr,
@@ -318,11 +322,15 @@ def train_epoch(run: Run, stop: Stop) -> dict[str, float]:
 def check_finite(
     nonfinite: torch.Tensor, state: TrainState, run_dir: Path, writer: checkpoint.Writer
 ) -> None:
-    if distributed.any_rank(nonfinite):
+    """Raise TrainingDiverged if any process's loss or gradients (`nonfinite`: [loss, gradients]) were
+    NaN/inf since the last check, before anything of them is logged or saved."""
+    loss, gradients = distributed.total(nonfinite.long()).tolist()
+    if loss or gradients:
         writer.wait()  # the last good checkpoint, on disk
         last = run_dir / "last.pt"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        what = "the loss became NaN/inf" if loss else "the gradients became NaN/inf (the loss was finite)"
         raise TrainingDiverged(
-            f"the loss became NaN/inf in epoch {state.epoch} (by step {state.step}); {kept}. "
+            f"{what} in epoch {state.epoch} (by step {state.step}); {kept}. "
             "Lower optimizer.base_lr, add trainer.grad_clip=1.0, or use trainer.precision=32"
         )

@@ -49,11 +49,18 @@ METRICS = NUMBERS[2:]  # what a seed group averages: the figures, not how far th
 # Columns of the runs that logged them (report.csv has them always): the online linear probe
 # (monitor.online_linear) beside the validation kNN, and the cost after the test figures.
 ONLINE = [("online_top1_final", "val/online_top1 final", 2)]
+# Training health at the end (ssl_lab.health; the last logged value): collapse shows as a std near 0, a
+# rank near 1; the teacher's entropy for the methods that log it (DINO's).
+HEALTH = [
+    ("train/feature_std", "feature std", 4),
+    ("train/feature_rank", "feature rank", 1),
+    ("train/teacher_entropy", "teacher entropy", 2),
+]
 COST = [
     ("img_per_s", "img/s", 0),  # training throughput: the median of the logged train/img_per_s
     ("wall_min", "wall min", 1),  # minutes from start to end (all starts of a resumed run), eval included
 ]
-NUMBERS += ONLINE + COST
+NUMBERS += ONLINE + HEALTH + COST
 FIXED = {"job", "status", "error", *(key for key, _, _ in NUMBERS)}
 SELECT = "knn_top1_final"  # the one figure that may pick a winner: validation kNN at the end
 PUBLISHED = "published top-1 (protocol, source, budget)"  # the recipe's `published` key
@@ -104,6 +111,7 @@ def summarize(run: Path, root: Path) -> dict[str, Any]:
         "knn_top1_best": max((v for _, v in knn if v is not None and math.isfinite(v)), default=None),
         "knn_top1_init": knn[0][1] if knn else None,
         "online_top1_final": online[-1][1] if online else None,
+        **{key: last_logged(train, key) for key, _, _ in HEALTH},
         "img_per_s": rates[len(rates) // 2] if rates else None,
         "wall_min": wall_minutes(info),
         "published": published(read(run / "config.yaml")),
@@ -158,6 +166,10 @@ def curve(metrics: list[dict[str, Any]], key: str) -> list[tuple[Any, float | No
     return [(m.get("epoch"), number(m[key])) for m in metrics if key in m]
 
 
+def last_logged(rows: list[dict[str, Any]], key: str) -> float | None:
+    return next((number(r[key]) for r in reversed(rows) if key in r), None)
+
+
 def read(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
@@ -205,6 +217,7 @@ def figures(rows: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     return [
         *METRICS,
         *logged(ONLINE),
+        *logged(HEALTH),
         *((k, k, 2) for k in references),
         *((k, test_header(k), 2) for k in tests),
         *logged(COST),

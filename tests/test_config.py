@@ -84,8 +84,10 @@ def test_experiments_compose(experiment: str, debug: str | None) -> None:
 def test_method_and_backbone_instantiate_and_step(method: str, backbone: str) -> None:
     small_queue = ["method.queue_size=256"] if method == "nnclr" else []
     cfg = compose_cfg([f"method={method}", f"backbone={backbone}", *small_queue])
-    if method == "mae" and not backbone.startswith("vit"):  # MAE's encoder drops patches: a ViT only
-        with pytest.raises(hydra.errors.InstantiationException, match="method=mae needs a ViT backbone"):
+    if method in ("mae", "simmim", "ibot") and not backbone.startswith("vit"):  # they work on patch tokens
+        with pytest.raises(
+            hydra.errors.InstantiationException, match=f"method={method} needs a ViT backbone"
+        ):
             hydra.utils.instantiate(cfg.method, backbone=hydra.utils.instantiate(cfg.backbone))
         return
     model = hydra.utils.instantiate(cfg.method, backbone=hydra.utils.instantiate(cfg.backbone))

@@ -70,7 +70,9 @@ def test_the_short_comparison_gives_every_recipe_one_budget(name: str) -> None:
         5000,
         1,
     )
-    assert list(cfg.eval_after) == ["linear_fast"] and cfg.published is not None
+    assert list(cfg.eval_after) == ["linear_fast"]
+    comment = (EXPERIMENTS / f"{name}.yaml").read_text()
+    assert cfg.published is not None or "no published CIFAR figure" in comment, name
     assert cfg.backbone.get("cifar_stem") in (None, False)  # ResNets with the ImageNet stem
     recipe = compose_cfg([f"experiment={name}"])
     assert cfg.method == recipe.method and cfg.optimizer == recipe.optimizer  # the recipe's own

@@ -65,3 +65,62 @@ def test_mlp_layers_and_its_last_batch_norm() -> None:
     plain = mlp([8, 16, 4])
     assert [type(m).__name__ for m in plain] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert plain[3].bias is not None
+
+
+# ---------------------------------------------------------------------------- a ViT's tokens
+
+
+def small_vit(**kwargs):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "test_vit", pretrained=False, num_classes=0, img_size=32, patch_size=8, **kwargs
+    ).eval()
+
+
+def test_masked_tokens_equal_lightlys_masked_vision_transformer() -> None:
+    """`mask` puts the mask token in the masked patches' places before the position embedding:
+    lightly's MaskedVisionTransformerTIMM.encode(images, mask=...) on the same ViT and token."""
+    from lightly.models.modules import MaskedVisionTransformerTIMM
+
+    from ssl_lab.methods.parts import vit_tokens
+
+    vit, images = small_vit(), torch.randn(3, 3, 32, 32)
+    mask_token = torch.nn.Parameter(torch.randn(1, 1, vit.embed_dim))
+    lightly_vit = MaskedVisionTransformerTIMM(
+        vit, mask_token, weight_initialization="skip", pos_embed_initialization="skip"
+    )
+    mask = torch.rand(3, 16) < 0.4
+    ours = vit_tokens(vit, images, mask=mask, mask_token=mask_token.view(1, -1))
+    lightly_mask = torch.cat([torch.zeros(3, 1, dtype=torch.bool), mask], dim=1)  # its [CLS] included
+    torch.testing.assert_close(
+        ours.sequence, lightly_vit.encode(images, mask=lightly_mask), rtol=1e-5, atol=1e-5
+    )
+    # dropped patches: lightly's idx_keep counts the class token as index 0
+    keep = torch.argsort(torch.rand(3, 16), dim=1)[:, :5]
+    lightly_keep = torch.cat([torch.zeros(3, 1, dtype=torch.long), keep + 1], dim=1)
+    kept = vit_tokens(vit, images, keep=keep)
+    torch.testing.assert_close(
+        kept.sequence, lightly_vit.encode(images, idx_keep=lightly_keep), rtol=1e-5, atol=1e-5
+    )
+    assert kept.patches.shape == (3, 5, vit.embed_dim)
+
+
+def test_tokens_are_named_and_pooled_as_the_backbone_pools() -> None:
+    from ssl_lab.methods.parts import vit_tokens
+
+    images = torch.randn(2, 3, 32, 32)
+    for kwargs in (
+        {},
+        {"reg_tokens": 4},
+        {"reg_tokens": 2, "global_pool": "avg"},
+        {"class_token": False, "global_pool": "avg"},
+    ):
+        vit = small_vit(**kwargs)
+        tokens = vit_tokens(vit, images)
+        torch.testing.assert_close(tokens.pooled, vit(images), rtol=1e-5, atol=1e-6)
+        assert tokens.registers.shape[1] == kwargs.get("reg_tokens", 0) and tokens.patches.shape[1] == 16
+        assert (tokens.cls is None) == (kwargs.get("class_token") is False)
+        if tokens.cls is not None:
+            torch.testing.assert_close(tokens.cls, tokens.sequence[:, 0])

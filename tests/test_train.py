@@ -39,6 +39,11 @@ def test_train_in_process(method: str, tmp_path: Path) -> None:
     names = set().union(*rows)
     assert {"train/loss", "train/lr", "train/img_per_s", "val/knn_top1"} <= names
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    # training health (ssl_lab.health) at every log step, for every method
+    trained = [r for r in rows if "train/loss" in r]
+    for name in ("train/feature_std", "train/feature_rank", "train/grad_norm"):
+        assert all(math.isfinite(r[name]) for r in trained), name
+    assert all(0 <= r["train/feature_std"] <= 1 and 1 <= r["train/feature_rank"] <= 32 for r in trained)
     for name in ("last.pt", "final.pt", "config.yaml", "run_info.json"):
         assert (tmp_path / name).exists(), name
     state = checkpoint.load(tmp_path / "final.pt")
@@ -118,6 +123,58 @@ def test_loss_nan_stops_and_keeps_last_good_checkpoint(
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (tmp_path / "final.pt").exists()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nonfinite_gradients_with_a_finite_loss_stop_the_run(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gradients poisoned after the 10th backward (epoch 2; its loss finite, and step 10 a log step):
+    the run stops there with the last good checkpoint, which resumes, and no NaN in any file written."""
+    from ssl_lab import build
+
+    real_norm, calls = build.grad_norm, {"n": 0}
+
+    def poisoned(optimizer):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            next(p for g in optimizer.param_groups for p in g["params"] if p.grad is not None).grad.fill_(
+                math.nan
+            )
+        return real_norm(optimizer)
+
+    monkeypatch.setattr(build, "grad_norm", poisoned)
+    cfg = compose_cfg([*FAST, *method_args(method), "epochs=3"])
+    with pytest.raises(
+        TrainingDiverged, match=r"gradients became NaN/inf \(the loss was finite\) in epoch 1 "
+    ):
+        train(cfg, run_dir=tmp_path)
+    monkeypatch.undo()
+    state = checkpoint.load(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and not (tmp_path / "final.pt").exists()
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert (
+        train(compose_cfg([*FAST, *method_args(method), "epochs=3", "resume=true"]), run_dir=tmp_path)
+        is not None
+    )
+
+
+def test_the_health_signals_do_not_change_the_training(tmp_path: Path) -> None:
+    """monitor.health's pass (eval mode, no gradients) leaves the run as it was: the same losses and
+    weights with it on and off."""
+    runs = {}
+    for health in (True, False):
+        run_dir = tmp_path / str(health)
+        train(compose_cfg([*FAST, "epochs=1", "++backbone.kwargs.drop_path_rate=0.1", f"monitor.health={health}"]),
+              run_dir=run_dir)  # fmt: skip
+        runs[health] = (losses(run_dir), checkpoint.load(run_dir / "final.pt")["model"])
+        logged = set().union(*read_metrics(run_dir))
+        assert ("train/feature_rank" in logged) == health and "train/grad_norm" in logged
+    assert runs[True][0] == runs[False][0]
+    for name, value in runs[True][1].items():
+        torch.testing.assert_close(value, runs[False][1][name], rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.slow

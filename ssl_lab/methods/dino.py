@@ -8,96 +8,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ssl_lab import distributed
 from ssl_lab.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.parts import MomentumTeacher, MultiCrop
-
-
-class Prototypes(nn.Linear):
-    """DINO's weight-normalised last layer without bias: each output is a row of the weight scaled to
-    unit norm, times `scale` when it is learnt (norm_last_layer=false), else times 1. The same function
-    and gradients as torch's weight_norm with g fixed at 1 (the official DINOHead's, lightly's
-    DINOProjectionHead's), written as F.linear on the normalised weight so that torch.compile traces it
-    in one graph (weight_norm's parametrisation hook breaks it). In fp32 with autocast off: at the
-    teacher's temperature 0.04 a bf16 cosine would be resolved to ~0.2 in logit units."""
-
-    def __init__(self, in_features: int, out_features: int, norm: bool = True) -> None:
-        super().__init__(in_features, out_features, bias=False)
-        self.scale = None if norm else nn.Parameter(torch.ones(out_features, 1))  # weight_norm's g
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            w = F.normalize(self.weight.float(), dim=1)
-            return F.linear(x.float(), w if self.scale is None else self.scale * w)
-
-
-class DINOHead(nn.Module):
-    """The official DINOHead: an MLP (Linear-GELU x2, then Linear to the bottleneck; BN after the hidden
-    Linears only with `use_bn`), L2 normalisation, then the prototypes. `mlp` is what fine-tuning may
-    start from (its GELUs count the hidden layers)."""
-
-    def __init__(
-        self,
-        in_dim: int,
-        hidden_dim: int = 2048,
-        bottleneck_dim: int = 256,
-        num_prototypes: int = 65536,
-        layers: int = 3,
-        use_bn: bool = False,
-        norm_last_layer: bool = True,
-    ) -> None:
-        super().__init__()
-        dims = [in_dim, *[hidden_dim] * (layers - 1), bottleneck_dim]
-        blocks: list[nn.Module] = []
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
-            blocks.append(nn.Linear(d_in, d_out))
-            if i < len(dims) - 2:
-                blocks += [nn.BatchNorm1d(d_out), nn.GELU()] if use_bn else [nn.GELU()]
-        self.mlp = nn.Sequential(*blocks)
-        for m in self.mlp.modules():  # the official init; the last layer keeps nn.Linear's own
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        self.last_layer = Prototypes(bottleneck_dim, num_prototypes, norm_last_layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x).float(), dim=-1))
-
-
-def dino_loss(
-    teacher_out: Sequence[torch.Tensor],
-    student_out: Sequence[torch.Tensor],
-    center: torch.Tensor,
-    teacher_temp: torch.Tensor | float,
-    student_temp: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official DINOLoss: the cross entropy between the teacher's centred, sharpened softmax on each
-    global view t and the student's log-softmax on each view s != t (views in the same order, the
-    global ones first), averaged over those pairs and the batch. Also returns the teacher distribution's
-    mean entropy (detached): near 0 when it collapses to one prototype, near log K when uniform."""
-    with torch.autocast(student_out[0].device.type, enabled=False):
-        t = torch.stack([o.detach().float() for o in teacher_out])  # [T, B, K]
-        s = torch.stack([o.float() for o in student_out])  # [S, B, K]
-        t_logp = F.log_softmax((t - center) / teacher_temp, dim=-1)
-        q = t_logp.exp()
-        cross = -torch.einsum("tbk,sbk->ts", q, F.log_softmax(s / student_temp, dim=-1))  # summed over b
-        n_t, n_s, batch = t.shape[0], s.shape[0], t.shape[1]
-        other = 1 - torch.eye(n_t, n_s, device=cross.device)  # no view is its own target
-        loss = (cross * other).sum() / ((n_t * n_s - min(n_t, n_s)) * batch)
-        entropy = -(q * t_logp).sum(-1).mean()
-    return loss, entropy.detach()
-
-
-@torch.no_grad()
-def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float) -> None:
-    """center <- m center + (1 - m) mean of the teacher's outputs over the GLOBAL batch: the sum
-    all-reduced, over the global number of rows (main_dino.py; solo-learn PR #59)."""
-    rows = teacher_out.shape[0] * distributed.world_size()
-    batch_center = distributed.total(teacher_out.float().sum(0, keepdim=True)) / rows
-    center.mul_(momentum).add_(batch_center.to(center.device), alpha=1 - momentum)
+from ssl_lab.methods.parts import (
+    DINOHead,
+    MomentumTeacher,
+    MultiCrop,
+    clip_each_gradient,
+    dino_loss,
+    update_center,
+    warmup_temperature,
+)
 
 
 class DINO(Method):
@@ -167,12 +89,10 @@ class DINO(Method):
 
     def teacher_temperature(self) -> torch.Tensor:
         """Linear from warmup_teacher_temp to teacher_temp over the first warmup_teacher_temp_epochs
-        epochs, reached at the last of them (main_dino.py's np.linspace), then constant; a tensor read
-        from the progress, so a compiled step does not recompile."""
-        epoch = self.epoch_now().float()
-        span = max(self.warmup_teacher_temp_epochs - 1, 1)
-        ramp = self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / span
-        return torch.where(epoch < self.warmup_teacher_temp_epochs, ramp, self.teacher_temp)
+        epochs (parts.warmup_temperature: main_dino.py's schedule, read from the progress tensor)."""
+        return warmup_temperature(
+            self.epoch_now(), self.warmup_teacher_temp, self.teacher_temp, self.warmup_teacher_temp_epochs
+        )
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         student = self.embed_views(views, self.head)  # every view; equal sizes in one pass
@@ -193,11 +113,7 @@ class DINO(Method):
         clip_gradients; 0: off), without a host sync. Then the prototypes stay as initialised for the
         first freeze_last_layer epochs: no gradient, so the optimizer skips them (weight decay
         included), as main_dino.py's cancel_gradients_last_layer."""
-        if self.clip_grad:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            norms = torch._foreach_norm(grads)
-            scales = [(self.clip_grad / (n + 1e-6)).clamp(max=1.0) for n in norms]
-            torch._foreach_mul_(grads, scales)
+        clip_each_gradient(self, self.clip_grad)
         if epoch < self.freeze_last_layer:
             for p in self.head.last_layer.parameters():
                 p.grad = None

@@ -16,6 +16,7 @@ from ssl_lab.config import PositiveInt, Probability
 from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
 from ssl_lab.methods.parts import crop_scale as check_crop_scale
+from ssl_lab.methods.parts import vit_tokens
 
 
 def sincos_pos_embed(dim: int, grid: tuple[int, int], prefix_tokens: int = 0) -> torch.Tensor:
@@ -195,12 +196,7 @@ class MAE(Method):
     def encode_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The encoder on the kept patches only: [B, prefix + kept, D] (timm's forward_features with the
         masked patches dropped after the position embedding is added)."""
-        vit = self.backbone
-        x = vit._pos_embed(vit.patch_embed(images))  # prefix tokens, then every patch
-        prefix = vit.num_prefix_tokens
-        visible = torch.gather(x[:, prefix:], 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :prefix], visible], dim=1)
-        return vit.norm(vit.blocks(vit.norm_pre(x)))
+        return vit_tokens(self.backbone, images, keep=keep).sequence
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         images, noise = views

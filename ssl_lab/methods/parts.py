@@ -1,5 +1,5 @@
-"""Parts that methods share: heads, losses and the momentum teacher, each small and tested against
-lightly's or a hand-computed value (tests/test_parts.py). Losses are fp32 with autocast off: under bf16
+"""Parts that methods share: heads, losses, the momentum teacher and a ViT's tokens with masking, each
+small and tested against lightly's or a hand-computed value (tests/test_parts.py). Losses are fp32 with autocast off: under bf16
 the logits at T=0.1 would be resolved to ~0.05."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -73,6 +74,114 @@ def off_diagonal_squares(c: torch.Tensor) -> torch.Tensor:
     """The sum of the squares of a square matrix's off-diagonal entries, without a boolean mask (a mask's
     indexing syncs the host on a GPU): Barlow Twins' and VICReg's redundancy terms."""
     return c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+
+
+# ---------------------------------------------------------------------------- self-distillation
+# DINO's head and loss, shared by the methods that distil a momentum teacher's softmax over prototypes
+# (DINO, iBOT; facebookresearch/dino main_dino.py and vision_transformer.py).
+
+
+class Prototypes(nn.Linear):
+    """DINO's weight-normalised last layer without bias: each output is a row of the weight scaled to
+    unit norm, times `scale` when it is learnt (norm_last_layer=false), else times 1. The same function
+    and gradients as torch's weight_norm with g fixed at 1 (the official DINOHead's, lightly's
+    DINOProjectionHead's), written as F.linear on the normalised weight so that torch.compile traces it
+    in one graph (weight_norm's parametrisation hook breaks it). In fp32 with autocast off: at the
+    teacher's temperature 0.04 a bf16 cosine would be resolved to ~0.2 in logit units."""
+
+    def __init__(self, in_features: int, out_features: int, norm: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=False)
+        self.scale = None if norm else nn.Parameter(torch.ones(out_features, 1))  # weight_norm's g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            w = F.normalize(self.weight.float(), dim=1)
+            return F.linear(x.float(), w if self.scale is None else self.scale * w)
+
+
+class DINOHead(nn.Module):
+    """The official DINOHead: an MLP (Linear-GELU x2, then Linear to the bottleneck; BN after the hidden
+    Linears only with `use_bn`), L2 normalisation, then the prototypes. `mlp` is what fine-tuning may
+    start from (its GELUs count the hidden layers)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_prototypes: int = 65536,
+        layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        dims = [in_dim, *[hidden_dim] * (layers - 1), bottleneck_dim]
+        blocks: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+            blocks.append(nn.Linear(d_in, d_out))
+            if i < len(dims) - 2:
+                blocks += [nn.BatchNorm1d(d_out), nn.GELU()] if use_bn else [nn.GELU()]
+        self.mlp = nn.Sequential(*blocks)
+        for m in self.mlp.modules():  # the official init; the last layer keeps nn.Linear's own
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = Prototypes(bottleneck_dim, num_prototypes, norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x).float(), dim=-1))
+
+
+def dino_loss(
+    teacher_out: Sequence[torch.Tensor],
+    student_out: Sequence[torch.Tensor],
+    center: torch.Tensor,
+    teacher_temp: torch.Tensor | float,
+    student_temp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official DINOLoss: the cross entropy between the teacher's centred, sharpened softmax on each
+    global view t and the student's log-softmax on each view s != t (views in the same order, the
+    global ones first), averaged over those pairs and the batch. Also returns the teacher distribution's
+    mean entropy (detached): near 0 when it collapses to one prototype, near log K when uniform."""
+    with torch.autocast(student_out[0].device.type, enabled=False):
+        t = torch.stack([o.detach().float() for o in teacher_out])  # [T, B, K]
+        s = torch.stack([o.float() for o in student_out])  # [S, B, K]
+        t_logp = F.log_softmax((t - center) / teacher_temp, dim=-1)
+        q = t_logp.exp()
+        cross = -torch.einsum("tbk,sbk->ts", q, F.log_softmax(s / student_temp, dim=-1))  # summed over b
+        n_t, n_s, batch = t.shape[0], s.shape[0], t.shape[1]
+        other = 1 - torch.eye(n_t, n_s, device=cross.device)  # no view is its own target
+        loss = (cross * other).sum() / ((n_t * n_s - min(n_t, n_s)) * batch)
+        entropy = -(q * t_logp).sum(-1).mean()
+    return loss, entropy.detach()
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: float) -> None:
+    """center <- m center + (1 - m) mean of the teacher's outputs over the GLOBAL batch: the sum
+    all-reduced, over the global number of rows (main_dino.py; solo-learn PR #59)."""
+    rows = teacher_out.shape[0] * distributed.world_size()
+    batch_center = distributed.total(teacher_out.float().sum(0, keepdim=True)) / rows
+    center.mul_(momentum).add_(batch_center.to(center.device), alpha=1 - momentum)
+
+
+def clip_each_gradient(module: nn.Module, max_norm: float) -> None:
+    """Each parameter's gradient clipped to `max_norm` on its own (main_dino.py's clip_gradients; 0:
+    off), without a host sync."""
+    if not max_norm:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+
+
+def warmup_temperature(epoch: torch.Tensor, start: float, end: float, epochs: int) -> torch.Tensor:
+    """A teacher temperature linear from `start` to `end` over the first `epochs` epochs, reached at the
+    last of them (main_dino.py's np.linspace), then constant; `epoch` a tensor (the progress), so a
+    compiled step does not recompile."""
+    epoch = epoch.float()
+    ramp = start + (end - start) * epoch / max(epochs - 1, 1)
+    return torch.where(epoch < epochs, ramp, torch.full_like(ramp, end))
 
 
 # ---------------------------------------------------------------------------- queues
@@ -204,3 +313,60 @@ class MultiCrop:
         glob = {} if self.global_scale is None else {"crop_scale": self.global_scale}
         local = {"size": self.local_size, "crop_scale": self.local_scale}
         return [draw(**glob), draw(**glob), *(draw(**local) for _ in range(self.num_local))]
+
+
+# ---------------------------------------------------------------------------- a ViT's tokens
+
+
+class Tokens(NamedTuple):
+    """A timm ViT's output tokens, named: `cls` [B, D] (None without a class token), `registers`
+    [B, R, D] (timm's reg_tokens: 0 unless the backbone has them), `patches` [B, N, D] (the kept ones
+    when patches were dropped, in the order kept), `pooled` [B, D] (the backbone's own pooling, what
+    evaluation reads), and `sequence` [B, prefix + N, D], all of them as the blocks gave them, after
+    the final norm."""
+
+    cls: torch.Tensor | None
+    registers: torch.Tensor
+    patches: torch.Tensor
+    pooled: torch.Tensor
+    sequence: torch.Tensor
+
+
+def check_vit(backbone: nn.Module, method: str) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(backbone, VisionTransformer):
+        raise UserError(
+            f"method={method} needs a ViT backbone (it works on patch tokens), got {type(backbone).__name__}: "
+            "use backbone=vit_tiny, backbone=vit_small or a timm vit_* model"
+        )
+
+
+def vit_tokens(
+    vit: nn.Module,
+    images: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    mask_token: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> Tokens:
+    """timm's VisionTransformer.forward_features with the patches masked, as the masked-image methods
+    need: `mask` [B, N] (True: masked) puts `mask_token` [1, D] in the masked patches' places before
+    the position embedding is added (iBOT, DINOv2, SimMIM; lightly's MaskedVisionTransformerTIMM
+    with `mask`); `keep` [B, K] indices of the patches to keep, the others dropped after it (MAE,
+    I-JEPA's context). The prefix tokens ([CLS], registers) are always kept."""
+    x = vit.patch_embed(images)  # [B, N, D], or [B, H, W, D] with dynamic_img_size
+    if mask is not None:
+        if mask_token is None:
+            raise ValueError("vit_tokens: a mask needs a mask_token")
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = torch.where(mask.unsqueeze(-1), mask_token.to(flat.dtype).view(1, 1, -1), flat).view(x.shape)
+    x = vit._pos_embed(x)  # the prefix tokens, then every patch, position embedding added
+    prefix = vit.num_prefix_tokens
+    if keep is not None:
+        kept = torch.gather(x[:, prefix:], 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :prefix], kept], dim=1)
+    x = vit.norm(vit.blocks(vit.norm_pre(vit.patch_drop(x))))
+    cls = 1 if vit.cls_token is not None else 0
+    return Tokens(
+        x[:, 0] if cls else None, x[:, cls:prefix], x[:, prefix:], vit.forward_head(x, pre_logits=True), x
+    )

@@ -26,6 +26,7 @@ class SimSiam(Method):
         proj_layers: PositiveInt = 3,
         proj_last_affine: bool = False,
         fixed_predictor_lr: bool = True,
+        predictor: bool = True,
         concat_views: bool = True,
         name: str = "simsiam",
     ) -> None:
@@ -37,8 +38,11 @@ class SimSiam(Method):
         # with its scale and shift (proj_last_affine).
         dims = [self.num_features, *[proj_hidden_dim] * (proj_layers - 1), proj_output_dim]
         self.projector = mlp(dims, last_bn=True, last_affine=proj_last_affine)
-        # The predictor: a bottleneck (2048 -> 512 -> 2048), BN on its hidden layer only.
-        self.predictor = mlp([proj_output_dim, pred_hidden_dim, proj_output_dim])
+        # The predictor: a bottleneck (2048 -> 512 -> 2048), BN on its hidden layer only. Without it
+        # (the paper's table 1 ablation) SimSiam collapses: docs/health.md shows what that looks like.
+        self.predictor = (
+            mlp([proj_output_dim, pred_hidden_dim, proj_output_dim]) if predictor else nn.Identity()
+        )
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         z0, z1 = self.embed_views(views, self.projector)
@@ -54,7 +58,7 @@ class SimSiam(Method):
         (the paper's sec. 4.2, `--fix-pred-lr` in its code: facebookresearch/simsiam #11)."""
         predictor = {id(p) for p in self.predictor.parameters()}
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        return [
+        groups = [
             {"name": "encoder", "params": [(n, p) for n, p in trainable if id(p) not in predictor]},
             {
                 "name": "predictor",
@@ -62,3 +66,4 @@ class SimSiam(Method):
                 "fixed_lr": self.fixed_predictor_lr,
             },
         ]
+        return [group for group in groups if group["params"]]  # no predictor: one group
