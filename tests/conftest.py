@@ -35,7 +35,7 @@ SMALL_HEADS = {
 }  # fmt: skip
 # Methods that need another backbone than FAST's ResNet: a small timm ViT (64 wide) with 8 px patches.
 VIT = ["backbone.name=test_vit", "++backbone.kwargs.patch_size=8"]
-BACKBONES = {"mae": VIT, "simmim": VIT, "ibot": VIT}
+BACKBONES = {"mae": VIT, "simmim": VIT, "ibot": VIT, "dinov2": VIT}
 
 
 class FlatBackbone(nn.Module):

@@ -6,7 +6,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from conftest import CONF, compose_cfg
+from conftest import BACKBONES, CONF, compose_cfg
 
 from ssl_lab.config import check_config
 from ssl_lab.methods.base import Draw
@@ -84,7 +84,7 @@ def test_experiments_compose(experiment: str, debug: str | None) -> None:
 def test_method_and_backbone_instantiate_and_step(method: str, backbone: str) -> None:
     small_queue = ["method.queue_size=256"] if method == "nnclr" else []
     cfg = compose_cfg([f"method={method}", f"backbone={backbone}", *small_queue])
-    if method in ("mae", "simmim", "ibot") and not backbone.startswith("vit"):  # they work on patch tokens
+    if method in BACKBONES and not backbone.startswith("vit"):  # they work on patch tokens
         with pytest.raises(
             hydra.errors.InstantiationException, match=f"method={method} needs a ViT backbone"
         ):

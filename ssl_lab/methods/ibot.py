@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ssl_lab.config import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.masks import BLOCK_CANDIDATES, block_mask, sample_ratios
+from ssl_lab.methods.masks import VIEW_NOISE, view_mask
 from ssl_lab.methods.parts import (
     DINOHead,
     MomentumTeacher,
@@ -68,7 +68,17 @@ def ibot_patch_loss(
     autocast off. teacher, student: [B, N, K]; mask: [B, N] (True: masked)."""
     with torch.autocast(student.device.type, enabled=False):
         q = F.softmax((teacher.detach().float() - center) / teacher_temp, dim=-1)
-        cross = -(q * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)  # [B, N]
+    return masked_patch_loss(q, student, mask, student_temp)
+
+
+def masked_patch_loss(
+    targets: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, student_temp: float
+) -> torch.Tensor:
+    """The cross entropy between the teacher's target distribution at each patch (`targets` [B, N, K]:
+    iBOT's centred softmax, DINOv2's Sinkhorn-Knopp assignments) and the student's log-softmax, averaged
+    over each image's masked patches (mask [B, N], True: masked), then over the images."""
+    with torch.autocast(student.device.type, enabled=False):
+        cross = -(targets.detach().float() * F.log_softmax(student.float() / student_temp, dim=-1)).sum(-1)
         weights = mask.float()
         per_image = (cross * weights).sum(-1) / weights.sum(-1).clamp(min=1.0)
         return per_image.mean()
@@ -185,14 +195,13 @@ class IBOT(Method):
     def views(self, draw: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
         """The global and local views, then the noise of the two global views' masks: per view, 2
         values (masked or not, how much) and BLOCK_CANDIDATES rectangles of 4."""
-        return [*self.crops.views(draw), draw.noise(2, 2 + 4 * BLOCK_CANDIDATES)]
+        return [*self.crops.views(draw), draw.noise(2, VIEW_NOISE)]
 
     def masks(self, noise: torch.Tensor) -> torch.Tensor:
-        """[B, N] masks of one global view from its noise [B, 2 + 4K]."""
-        fraction = sample_ratios(noise[:, :2], self.mask_probability, self.mask_ratio)
-        count = torch.floor(fraction * self.num_patches)  # int(ratio * H * W): the target, as `high`
-        rectangles = noise[:, 2:].reshape(noise.shape[0], BLOCK_CANDIDATES, 4)
-        return block_mask(rectangles, self.grid, count, self.mask_min_patches, self.mask_aspect)
+        """[B, N] masks of one global view from its noise [B, VIEW_NOISE]."""
+        return view_mask(
+            noise, self.grid, self.mask_probability, self.mask_ratio, self.mask_min_patches, self.mask_aspect
+        )
 
     def training_step(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         *images, noise = views

@@ -8,7 +8,7 @@ made with tensor operations of fixed shapes, so a compiled step traces it whole.
 - `random_mask`: a fixed number of patches per image, each subset equally likely (MAE's and SimMIM's),
   optionally at a coarser grid of mask patches (SimMIM's 32 px mask patches over 16 px model patches).
 - `sample_ratios`: which images of a batch are masked and how much (DINOv2's and iBOT's
-  mask_probability and mask_ratio_min_max).
+  mask_probability and mask_ratio_min_max); `view_mask` puts the two together for one view.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ssl_lab.errors import UserError
 # Candidate rectangles drawn per image by `block_mask` (DINOv2's generator tries until the target is
 # reached or 10 tries in a row fail): 32 reach 98-100 % of the target at its settings.
 BLOCK_CANDIDATES = 32
+VIEW_NOISE = 2 + 4 * BLOCK_CANDIDATES  # the noise values of one view's `view_mask`
 
 
 def block_mask(
@@ -95,3 +96,20 @@ def sample_ratios(noise: torch.Tensor, probability: float, ratio: tuple[float, f
         raise UserError(f"a mask ratio range {list(ratio)} must be [min, max] with 0 <= min <= max < 1")
     fraction = lo + noise[:, 1] * (hi - lo)
     return torch.where(noise[:, 0] < probability, fraction, torch.zeros_like(fraction))
+
+
+def view_mask(
+    noise: torch.Tensor,
+    grid: tuple[int, int],
+    probability: float,
+    ratio: tuple[float, float],
+    min_patches: int,
+    aspect: tuple[float, float],
+) -> torch.Tensor:
+    """The block masks [B, H*W] of one view from its noise [B, VIEW_NOISE] (iBOT's and DINOv2's masking
+    of a global crop): masked with `probability`, a target of int(fraction * H * W) patches with the
+    fraction uniform in `ratio` (`sample_ratios`), in rectangles (`block_mask`)."""
+    fraction = sample_ratios(noise[:, :2], probability, ratio)
+    count = torch.floor(fraction * grid[0] * grid[1])
+    rectangles = noise[:, 2:].reshape(noise.shape[0], BLOCK_CANDIDATES, 4)
+    return block_mask(rectangles, grid, count, min_patches, aspect)

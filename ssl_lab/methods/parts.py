@@ -145,15 +145,45 @@ def dino_loss(
     mean entropy (detached): near 0 when it collapses to one prototype, near log K when uniform."""
     with torch.autocast(student_out[0].device.type, enabled=False):
         t = torch.stack([o.detach().float() for o in teacher_out])  # [T, B, K]
-        s = torch.stack([o.float() for o in student_out])  # [S, B, K]
         t_logp = F.log_softmax((t - center) / teacher_temp, dim=-1)
         q = t_logp.exp()
-        cross = -torch.einsum("tbk,sbk->ts", q, F.log_softmax(s / student_temp, dim=-1))  # summed over b
-        n_t, n_s, batch = t.shape[0], s.shape[0], t.shape[1]
-        other = 1 - torch.eye(n_t, n_s, device=cross.device)  # no view is its own target
-        loss = (cross * other).sum() / ((n_t * n_s - min(n_t, n_s)) * batch)
         entropy = -(q * t_logp).sum(-1).mean()
-    return loss, entropy.detach()
+    return cross_view_loss(q, student_out, student_temp), entropy.detach()
+
+
+def cross_view_loss(
+    targets: torch.Tensor, student_out: Sequence[torch.Tensor], student_temp: float
+) -> torch.Tensor:
+    """The cross entropy between each teacher view's target distribution (`targets` [T, B, K]: DINO's
+    centred softmax, DINOv2's Sinkhorn-Knopp assignments) and the student's log-softmax on each view
+    s != t (views in the same order, the global ones first), averaged over those pairs and the batch."""
+    with torch.autocast(student_out[0].device.type, enabled=False):
+        s = torch.stack([o.float() for o in student_out])  # [S, B, K]
+        cross = -torch.einsum(
+            "tbk,sbk->ts", targets.detach().float(), F.log_softmax(s / student_temp, dim=-1)
+        )
+        n_t, n_s, batch = targets.shape[0], s.shape[0], targets.shape[1]
+        other = 1 - torch.eye(n_t, n_s, device=cross.device)  # no view is its own target
+        return (cross * other).sum() / ((n_t * n_s - min(n_t, n_s)) * batch)
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KoLeo regulariser (Sablayrolles et al. 2019; dinov2/loss/koleo_loss.py, lightly's KoLeoLoss):
+    -mean log(distance of each l2-normalised row to its nearest other row + eps), the neighbours sought
+    among the rows of every process (gathered with their gradients), so that it is the same on 1 and N
+    processes (DINOv2's is per GPU, so its value depends on their number). fp32, autocast off. Also returns
+    the smallest nearest-neighbour distance (detached): near 0, two rows coincide (a duplicate image, or
+    a batch too small), -log(eps) caps the loss and its gradient explodes (dinov2 #314, #492)."""
+    with torch.autocast(x.device.type, enabled=False):
+        z = F.normalize(x.float(), dim=-1, eps=eps)
+        everyone = distributed.gather_with_grad(z)
+        n = z.shape[0]
+        rows = torch.arange(n, device=z.device) + distributed.rank() * n
+        dots = z @ everyone.T
+        dots = dots.masked_fill(torch.arange(everyone.shape[0], device=z.device) == rows[:, None], -2.0)
+        nearest = everyone[dots.argmax(dim=1)]
+        distances = F.pairwise_distance(z, nearest, p=2, eps=eps)
+        return -(distances + eps).log().mean(), distances.min().detach()
 
 
 @torch.no_grad()
@@ -173,6 +203,42 @@ def clip_each_gradient(module: nn.Module, max_norm: float) -> None:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     norms = torch._foreach_norm(grads)
     torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+
+
+@torch.no_grad()
+def sinkhorn(
+    scores: torch.Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    weight: torch.Tensor | None = None,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """main_swav.py's distributed_sinkhorn on scores [..., N, K] (N embeddings' cosines to K prototypes;
+    leading dimensions: several views at once): soft assignments, each row summing to 1, each prototype
+    getting an equal share of all rows. The sums over rows are all-reduced, so the rows of every process
+    make one problem (lightly #1006); each row's own normalisation is local. Only the first `rows` rows'
+    assignments are returned (all by default): the batch's, not the queue's.
+
+    `weight` [N], 1 or 0: which rows take part. A row of weight 0 (a queue not yet filled) adds nothing
+    to the prototypes' sums: every weighted row gets what it would without the others, and no 0/0.
+
+    The same iterations as the official code, kept as scalings of exp(scores / eps), Q = diag(c) P
+    diag(r) (c per row, r per prototype), so each iteration reads P twice (two matrix-vector products)
+    instead of rewriting it: with a queue of 3840 rows and 3000 prototypes P is 46 MB a view."""
+    with torch.autocast(scores.device.type, enabled=False):
+        p = (scores.float() / epsilon).exp_()  # [..., N, K]: the paper's Q, transposed
+        w = p.new_ones(p.shape[-2]) if weight is None else weight.to(p.dtype)
+        k, tiny = p.shape[-1], torch.finfo(p.dtype).tiny
+        # one all-reduce: each prototype's mass over the weighted rows of all processes, and their number
+        first = distributed.total(torch.cat([(w @ p).reshape(-1), w.sum().reshape(1)]))
+        mass, b = first[:-1].reshape(*p.shape[:-2], k), first[-1]
+        r = mass.sum(-1, keepdim=True) / mass / k  # Q / sum(Q), then each prototype 1/K of the mass
+        for _ in range(iterations - 1):
+            c = w / ((p @ r.unsqueeze(-1)).squeeze(-1).clamp_min(tiny) * b)  # each row: 1/B
+            r = 1 / (distributed.total((c.unsqueeze(-2) @ p).squeeze(-2)) * k)  # each prototype: 1/K
+        p = p if rows is None else p[..., :rows, :]
+        q = p * r.unsqueeze(-2)  # the last rows' normalisation, times B: each row sums to 1
+        return q / q.sum(-1, keepdim=True).clamp_min(tiny)
 
 
 def warmup_temperature(epoch: torch.Tensor, start: float, end: float, epochs: int) -> torch.Tensor:

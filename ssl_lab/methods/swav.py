@@ -15,43 +15,7 @@ import torch.nn.functional as F
 from ssl_lab import distributed
 from ssl_lab.config import NonNegativeInt, PositiveFloat, PositiveInt
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.parts import MultiCrop, check_queue_fits, mlp
-
-
-@torch.no_grad()
-def sinkhorn(
-    scores: torch.Tensor,
-    epsilon: float = 0.05,
-    iterations: int = 3,
-    weight: torch.Tensor | None = None,
-    rows: int | None = None,
-) -> torch.Tensor:
-    """main_swav.py's distributed_sinkhorn on scores [..., N, K] (N embeddings' cosines to K prototypes;
-    leading dimensions: several views at once): soft assignments, each row summing to 1, each prototype
-    getting an equal share of all rows. The sums over rows are all-reduced, so the rows of every process
-    make one problem (lightly #1006); each row's own normalisation is local. Only the first `rows` rows'
-    assignments are returned (all by default): the batch's, not the queue's.
-
-    `weight` [N], 1 or 0: which rows take part. A row of weight 0 (a queue not yet filled) adds nothing
-    to the prototypes' sums: every weighted row gets what it would without the others, and no 0/0.
-
-    The same iterations as the official code, kept as scalings of exp(scores / eps), Q = diag(c) P
-    diag(r) (c per row, r per prototype), so each iteration reads P twice (two matrix-vector products)
-    instead of rewriting it: with a queue of 3840 rows and 3000 prototypes P is 46 MB a view."""
-    with torch.autocast(scores.device.type, enabled=False):
-        p = (scores.float() / epsilon).exp_()  # [..., N, K]: the paper's Q, transposed
-        w = p.new_ones(p.shape[-2]) if weight is None else weight.to(p.dtype)
-        k, tiny = p.shape[-1], torch.finfo(p.dtype).tiny
-        # one all-reduce: each prototype's mass over the weighted rows of all processes, and their number
-        first = distributed.total(torch.cat([(w @ p).reshape(-1), w.sum().reshape(1)]))
-        mass, b = first[:-1].reshape(*p.shape[:-2], k), first[-1]
-        r = mass.sum(-1, keepdim=True) / mass / k  # Q / sum(Q), then each prototype 1/K of the mass
-        for _ in range(iterations - 1):
-            c = w / ((p @ r.unsqueeze(-1)).squeeze(-1).clamp_min(tiny) * b)  # each row: 1/B
-            r = 1 / (distributed.total((c.unsqueeze(-2) @ p).squeeze(-2)) * k)  # each prototype: 1/K
-        p = p if rows is None else p[..., :rows, :]
-        q = p * r.unsqueeze(-2)  # the last rows' normalisation, times B: each row sums to 1
-        return q / q.sum(-1, keepdim=True).clamp_min(tiny)
+from ssl_lab.methods.parts import MultiCrop, check_queue_fits, mlp, sinkhorn
 
 
 def swav_loss(
