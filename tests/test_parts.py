@@ -124,3 +124,12 @@ def test_tokens_are_named_and_pooled_as_the_backbone_pools() -> None:
         assert (tokens.cls is None) == (kwargs.get("class_token") is False)
         if tokens.cls is not None:
             torch.testing.assert_close(tokens.cls, tokens.sequence[:, 0])
+
+
+def test_a_teacher_built_without_stochastic_depth_leaves_the_students() -> None:
+    """DINO's, iBOT's and DINOv2's teachers: drop_path=False zeroes every copy's DropPath, not the student's."""
+    student = small_vit(drop_path_rate=0.2)
+    rates = lambda m: {x.drop_prob for x in m.modules() if hasattr(x, "drop_prob")}  # noqa: E731
+    teacher = MomentumTeacher({"backbone": student}, 0.99, drop_path=False)
+    assert rates(teacher) == {0.0} and max(rates(student)) == pytest.approx(0.2)
+    assert max(rates(MomentumTeacher({"backbone": student}, 0.99))) == pytest.approx(0.2)

@@ -76,11 +76,8 @@ class DINO(Method):
             use_bn_in_head, norm_last_layer,
         )  # fmt: skip
         self.teacher = MomentumTeacher(
-            {"backbone": self.backbone, "head": self.head}, momentum_base, momentum_end
+            {"backbone": self.backbone, "head": self.head}, momentum_base, momentum_end, drop_path=False
         )
-        for module in self.teacher.modules():  # the official teacher is built without stochastic depth
-            if hasattr(module, "drop_prob"):
-                module.drop_prob = 0.0
         self.register_buffer("center", torch.zeros(1, num_prototypes))  # saved: a resume restores it
 
     def views(self, draw: Callable[..., torch.Tensor]) -> list[torch.Tensor]:

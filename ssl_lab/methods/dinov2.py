@@ -111,10 +111,7 @@ class DINOv2(Method):
         self.patch_head = (
             DINOHead(self.num_features, num_prototypes=patch_prototypes, **head) if separate_head else None
         )
-        self.teacher = MomentumTeacher(self.students(), momentum_base, momentum_end)
-        for module in self.teacher.modules():  # the teacher is built without stochastic depth
-            if hasattr(module, "drop_prob"):
-                module.drop_prob = 0.0
+        self.teacher = MomentumTeacher(self.students(), momentum_base, momentum_end, drop_path=False)
 
     def students(self) -> dict[str, nn.Module]:
         students = {"backbone": self.backbone, "head": self.head}

@@ -184,11 +184,8 @@ class IBOT(Method):
             norm_last_layer=norm_last_layer,
         )  # fmt: skip
         self.teacher = MomentumTeacher(
-            {"backbone": self.backbone, "head": self.head}, momentum_base, momentum_end
+            {"backbone": self.backbone, "head": self.head}, momentum_base, momentum_end, drop_path=False
         )
-        for module in self.teacher.modules():  # the teacher is built without stochastic depth
-            if hasattr(module, "drop_prob"):
-                module.drop_prob = 0.0
         self.register_buffer("center", torch.zeros(1, num_prototypes))
         self.register_buffer("patch_center", torch.zeros(1, 1, patch_dim))
 

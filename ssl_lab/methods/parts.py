@@ -308,11 +308,18 @@ class MomentumTeacher(nn.Module):
     statistics, are the teacher's own, as in BYOL's, lightly's and solo-learn's code). `momentum`, the
     last tau, is a buffer: saved with the model, and a method can log it."""
 
-    def __init__(self, students: dict[str, nn.Module], base: float, end: float = 1.0) -> None:
+    def __init__(
+        self, students: dict[str, nn.Module], base: float, end: float = 1.0, drop_path: bool = True
+    ) -> None:
+        """`drop_path=False`: the copies without stochastic depth (timm's DropPath), as DINO, iBOT and
+        DINOv2 build their teachers."""
         super().__init__()
         for name, module in students.items():
             self.add_module(name, copy.deepcopy(module))
         self.requires_grad_(False)
+        for module in self.modules() if not drop_path else ():
+            if hasattr(module, "drop_prob"):
+                module.drop_prob = 0.0
         self.base, self.end = base, end
         self.register_buffer("momentum", torch.tensor(float(base)))
 
