@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ssl_lab.config import PositiveFloat, PositiveInt, Probability
+from ssl_lab.health import feature_std
 from ssl_lab.methods.base import Method
 from ssl_lab.methods.parts import MomentumTeacher, mlp, negative_cosine
 
@@ -56,7 +56,7 @@ class BYOL(Method):
         # views' terms, each a batch mean (lightly's example halves it).
         loss = self.loss_scale * (byol_loss(p0, t1) + byol_loss(p1, t0))
         with torch.no_grad():  # collapse shows as ~0; a spread-out projection ~ 1/sqrt(dim)
-            z_std = sum(F.normalize(z.float(), dim=1).std(dim=0).mean() for z in (z0, z1)) / 2
+            z_std = sum(feature_std(z) for z in (z0, z1)) / 2
         return {"loss": loss, "momentum": self.teacher.momentum.clone(), "z_std": z_std}
 
     @torch.no_grad()

@@ -15,8 +15,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ssl_lab.config import PositiveInt, Probability
 from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
+from ssl_lab.methods.parts import check_vit, vit_tokens
 from ssl_lab.methods.parts import crop_scale as check_crop_scale
-from ssl_lab.methods.parts import vit_tokens
 
 
 def sincos_pos_embed(dim: int, grid: tuple[int, int], prefix_tokens: int = 0) -> torch.Tensor:
@@ -137,11 +137,7 @@ class MAE(Method):
         `crop_scale: null` its crop scale. `init_encoder`: the encoder re-initialised as models_mae.py
         does (Xavier-uniform Linears and patch projection, [CLS] N(0, 0.02)) with its position
         embedding the fixed sine-cosine one (not learnt)."""
-        if not isinstance(backbone, VisionTransformer):
-            raise UserError(
-                f"method=mae needs a ViT backbone (its encoder sees only the visible patches), got "
-                f"{type(backbone).__name__}: use backbone=vit_tiny, backbone=vit_small or a timm vit_* model"
-            )
+        check_vit(backbone, "mae")  # its encoder sees only the visible patches
         super().__init__(backbone, concat_views=True)
         embed = backbone.patch_embed
         self.patch_size, self.grid = embed.patch_size[0], tuple(embed.grid_size)

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ssl_lab.config import PositiveInt
+from ssl_lab.health import feature_std
 from ssl_lab.methods.base import Method
 from ssl_lab.methods.parts import mlp, negative_cosine
 
@@ -50,7 +50,7 @@ class SimSiam(Method):
         # The paper's eq. 4 (and algorithm 1): the mean of the two terms, z stop-gradiented in both.
         loss = 0.5 * (negative_cosine(p0, z1) + negative_cosine(p1, z0))
         with torch.no_grad():  # the paper's fig. 2 collapse check: ~0 collapsed, ~1/sqrt(dim) healthy
-            z_std = sum(F.normalize(z.float(), dim=1).std(dim=0).mean() for z in (z0, z1)) / 2
+            z_std = sum(feature_std(z) for z in (z0, z1)) / 2
         return {"loss": loss, "z_std": z_std}
 
     def param_groups(self) -> list[dict[str, Any]]:
