@@ -236,7 +236,8 @@ def measure(
             batch = [v.contiguous(memory_format=torch.channels_last) for v in batch]
         ready = iter(batch)  # the method's views in its own order, with what else it asks (MAE's noise)
         noise = lambda *shape: torch.rand(b, *shape, device=device)  # noqa: E731
-        step.update(step.model.views(Draw(lambda **changes: next(ready), noise)), i, labels)
+        shared = lambda *shape: torch.rand(*shape, device=device)  # noqa: E731
+        step.update(step.model.views(Draw(lambda **changes: next(ready), noise, shared)), i, labels)
 
     # The in-process pipelines take turns step by step. Those fed by workers cannot (the workers would
     # prepare batches while the others run), so they take turns with the others block by block: each

@@ -164,7 +164,11 @@ class TrainStep:
         """The augmentation of each of the method's views, in order (Method.views with its changes)."""
         drawn = itertools.count()
         augments: list[Augment] = []
-        count = Draw(lambda **changes: augments.append(self.view_augment(next(drawn), changes)), torch.empty)
+        count = Draw(
+            lambda **changes: augments.append(self.view_augment(next(drawn), changes)),
+            torch.empty,
+            torch.empty,
+        )
         self.model.views(count)
         return augments
 
@@ -202,7 +206,10 @@ class TrainStep:
             local = self.batch_size // self.world
             return u[self.rank * local : (self.rank + 1) * local] if self.world > 1 else u
 
-        return self.model.views(Draw(draw, noise))
+        def shared(*shape: int) -> torch.Tensor:  # every process draws the same from the same stream
+            return torch.rand(*shape, generator=rng, device=(images[0] if cropped else images).device)
+
+        return self.model.views(Draw(draw, noise, shared))
 
     def update(
         self, views: list[torch.Tensor], step: int, labels: torch.Tensor | None = None

@@ -31,11 +31,11 @@ METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 SMALL_HEADS = {
     "proj_hidden_dim": 64, "proj_output_dim": 32, "pred_hidden_dim": 64, "bottleneck_dim": 32,
     "num_prototypes": 256, "queue_size": 256, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2,
-    "patch_prototypes": 256,
+    "patch_prototypes": 256, "pred_dim": 32, "pred_depth": 1,
 }  # fmt: skip
 # Methods that need another backbone than FAST's ResNet: a small timm ViT (64 wide) with 8 px patches.
 VIT = ["backbone.name=test_vit", "++backbone.kwargs.patch_size=8"]
-BACKBONES = {"mae": VIT, "simmim": VIT, "ibot": VIT, "dinov2": VIT}
+BACKBONES = {"mae": VIT, "simmim": VIT, "ibot": VIT, "dinov2": VIT, "msn": VIT, "ijepa": VIT}
 
 
 class FlatBackbone(nn.Module):

@@ -95,7 +95,9 @@ def test_method_and_backbone_instantiate_and_step(method: str, backbone: str) ->
     x = torch.randn(4, 3, size, size)
     assert model(x).shape == (4, model.num_features)
     draw = Draw(
-        lambda size=size, **changes: torch.randn(4, 3, size, size), lambda *shape: torch.rand(4, *shape)
+        lambda size=size, **changes: torch.randn(4, 3, size, size),
+        lambda *shape: torch.rand(4, *shape),
+        lambda *shape: torch.rand(*shape),
     )
     views = model.views(draw)  # the method's own
     loss = model.training_step(views)["loss"]

@@ -276,7 +276,11 @@ def small_method(method: str) -> tuple[Method, list[torch.Tensor]]:
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.method, backbone=hydra.utils.instantiate(cfg.backbone))
     views = model.views(
-        Draw(lambda size=32, **changes: torch.randn(8, 3, size, size), lambda *shape: torch.rand(8, *shape))
+        Draw(
+            lambda size=32, **changes: torch.randn(8, 3, size, size),
+            lambda *shape: torch.rand(8, *shape),
+            lambda *shape: torch.rand(*shape),
+        )
     )
     return model, views
 

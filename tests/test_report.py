@@ -346,3 +346,39 @@ def test_a_method_comparison_shows_online_probe_time_speed_and_the_published_fig
     seeds_table = text.split("Seed groups")[1]
     assert "30.50 ± 0.71" in seeds_table and "92.58 (online linear" in seeds_table
     assert (sweep / "report.png").stat().st_size > 0
+
+
+def test_the_health_columns_show_each_runs_last_logged_signals(tmp_path: Path) -> None:
+    """feature std, feature rank and (for teacher methods) teacher entropy: each run's last logged value,
+    a dash where a run logs none (a method without a teacher); no column when no run logs them."""
+    sweep = tmp_path / "multirun" / "2026-12-07_10-00-00"
+    health = {
+        "dino": [{"train/feature_std": 0.02, "train/feature_rank": 40.0, "train/teacher_entropy": 7.1},
+                 {"train/feature_std": 0.0213, "train/feature_rank": 38.5, "train/teacher_entropy": 0.06}],
+        "simclr": [{"train/feature_std": 0.03, "train/feature_rank": 50.0},
+                   {"train/feature_std": 0.0311, "train/feature_rank": 49.0}],
+    }  # fmt: skip
+    for job, (method, rows) in enumerate(health.items()):
+        run = sweep / str(job)
+        write_run(run, [f"method={method}"], [10.0, 20.0, 30.0], [5.0, 4.0])
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        train_rows = [i for i, line in enumerate(lines) if "train/loss" in line]
+        for i, signals in zip(train_rows, rows):
+            lines[i] = json.dumps({**json.loads(lines[i]), **signals})
+        (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    rows = collect(sweep)
+    assert [r["train/teacher_entropy"] for r in rows] == [0.06, None]
+    assert [r["train/feature_rank"] for r in rows] == [38.5, 49.0]
+    write_report(rows, sweep)
+    table = (sweep / "report.md").read_text().splitlines()
+    header = [c.strip() for c in table[0].split("|")]
+    assert {"feature std", "feature rank", "teacher entropy"} <= set(header)
+    dino = [c.strip() for c in next(line for line in table if "dino" in line).split("|")]
+    simclr = [c.strip() for c in next(line for line in table if "simclr" in line).split("|")]
+    assert dino[header.index("feature std")] == "0.0213" and dino[header.index("teacher entropy")] == "0.06"
+    assert simclr[header.index("feature rank")] == "49.0" and simclr[header.index("teacher entropy")] == "–"
+
+    plain = tmp_path / "multirun" / "2026-12-07_11-00-00"
+    write_run(plain / "0", ["method=simclr"], [10.0, 20.0], [5.0])
+    write_report(collect(plain), plain)
+    assert "feature std" not in (plain / "report.md").read_text().splitlines()[0]

@@ -6,7 +6,8 @@ and one YAML in conf/method/; the runner, the optimizer builder and the evaluati
   for _ in range(6))]`). Views of equal size go through the backbone together (`per_view`).
   `draw.noise(*shape)` gives per-sample uniform noise [batch, *shape] from the same random stream
   (MAE's masks: `[draw(), draw.noise(num_patches)]`), so that it too is the same for a sample
-  whatever the number of processes, and a resumed run continues it.
+  whatever the number of processes, and a resumed run continues it. `draw.shared(*shape)` gives
+  uniform noise of exactly `shape`, the same on every process (LeJEPA's random slicing directions).
 - `training_step(views)`: `{"loss": ..., **scalars}`; every other scalar (detached) is logged as
   `train/<name>`. The training progress is in tensors (`progress_step`, `epoch_now()`,
   `progress()`), so a compiled step reads it without recompiling: Python numbers that change each
@@ -39,12 +40,16 @@ import torch.nn as nn
 
 class Draw:
     """What `Method.views` receives: `draw(**changes)` one view of the batch, `draw.noise(*shape)`
-    uniform noise in [0, 1) of shape [batch, *shape]."""
+    uniform noise in [0, 1) of shape [batch, *shape], one row per sample; `draw.shared(*shape)` uniform
+    noise of shape `shape` for the whole step, the same on every process."""
 
     def __init__(
-        self, view: Callable[..., torch.Tensor], noise: Callable[..., torch.Tensor] | None = None
+        self,
+        view: Callable[..., torch.Tensor],
+        noise: Callable[..., torch.Tensor] | None = None,
+        shared: Callable[..., torch.Tensor] | None = None,
     ) -> None:
-        self.view, self._noise = view, noise
+        self.view, self._noise, self._shared = view, noise, shared
 
     def __call__(self, **changes) -> torch.Tensor:
         return self.view(**changes)
@@ -53,6 +58,11 @@ class Draw:
         if self._noise is None:
             raise TypeError("this draw gives no noise")
         return self._noise(*shape)
+
+    def shared(self, *shape: int) -> torch.Tensor:
+        if self._shared is None:
+            raise TypeError("this draw gives no shared noise")
+        return self._shared(*shape)
 
 
 class Method(nn.Module):

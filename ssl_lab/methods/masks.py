@@ -113,3 +113,83 @@ def view_mask(
     count = torch.floor(fraction * grid[0] * grid[1])
     rectangles = noise[:, 2:].reshape(noise.shape[0], BLOCK_CANDIDATES, 4)
     return block_mask(rectangles, grid, count, min_patches, aspect)
+
+
+def block_size(
+    u: torch.Tensor, grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """I-JEPA's _sample_block_size from one uniform `u` per block (the official code draws one for both
+    the scale and the aspect ratio): a target of int(H W s) patches, s uniform in `scale`, an aspect
+    ratio h / w uniform in `aspect`, h and w rounded from them and shrunk to fit inside the grid
+    (h < H, w < W). Returns h and w as float tensors of u's shape."""
+    h_grid, w_grid = grid
+    s = scale[0] + u.float() * (scale[1] - scale[0])
+    area = torch.floor(h_grid * w_grid * s)
+    ratio = aspect[0] + u.float() * (aspect[1] - aspect[0])
+    h = torch.round(torch.sqrt(area * ratio)).clamp(1, h_grid - 1)
+    w = torch.round(torch.sqrt(area / ratio)).clamp(1, w_grid - 1)
+    return h, w
+
+
+def rectangle(
+    h: torch.Tensor, w: torch.Tensor, u_top: torch.Tensor, u_left: torch.Tensor, grid: tuple[int, int]
+) -> torch.Tensor:
+    """Masks [..., H*W] (True inside) of h x w rectangles at a uniform position (randint(0, H - h),
+    randint(0, W - w), from uniform noise), for sizes of any leading shape."""
+    h_grid, w_grid = grid
+    top, left = torch.floor(u_top * (h_grid - h)), torch.floor(u_left * (w_grid - w))
+    rows = torch.arange(h_grid, device=h.device).view(*([1] * h.dim()), h_grid, 1)
+    cols = torch.arange(w_grid, device=h.device).view(*([1] * h.dim()), 1, w_grid)
+    top, left, h, w = (x.unsqueeze(-1).unsqueeze(-1) for x in (top, left, h, w))
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    return inside.flatten(-2)
+
+
+def multiblock_masks(
+    noise: torch.Tensor,
+    grid: tuple[int, int],
+    num_targets: int = 4,
+    target_scale: tuple[float, float] = (0.15, 0.2),
+    target_aspect: tuple[float, float] = (0.75, 1.5),
+    context_scale: tuple[float, float] = (0.85, 1.0),
+    min_keep: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """I-JEPA's multi-block masks (src/masks/multiblock.py) from `noise` [B, multiblock_noise(num_targets)]:
+    `num_targets` target rectangles of one size per image (scale `target_scale`, aspect
+    `target_aspect`) and a square context rectangle (scale `context_scale`) from which every target
+    patch is removed. Returns the targets [B, num_targets, H*W] and the context [B, H*W] (True: in).
+
+    Where the official collator draws the block sizes once per batch of a process, here each image
+    draws its own (the same distribution, independent of how the batch is split over processes); a
+    context left with `min_keep` patches or fewer keeps its targets' patches (the official collator
+    resamples, then lets targets overlap the context after 20 failures)."""
+    b = noise.shape[0]
+    u = noise.float()
+    h, w = block_size(u[:, 0], grid, target_scale, target_aspect)
+    positions = u[:, 1 : 1 + 2 * num_targets].view(b, num_targets, 2)
+    targets = rectangle(
+        h[:, None].expand(b, num_targets),
+        w[:, None].expand(b, num_targets),
+        positions[..., 0],
+        positions[..., 1],
+        grid,
+    )  # [B, T, H*W]
+    c = 1 + 2 * num_targets
+    ch, cw = block_size(u[:, c], grid, context_scale, (1.0, 1.0))
+    block = rectangle(ch, cw, u[:, c + 1], u[:, c + 2], grid)  # [B, H*W]
+    context = block & ~targets.any(dim=1)
+    enough = context.sum(dim=1, keepdim=True) > min_keep
+    return targets, torch.where(enough, context, block)
+
+
+def multiblock_noise(num_targets: int) -> int:
+    """The noise values per image that `multiblock_masks` reads."""
+    return 1 + 2 * num_targets + 3
+
+
+def first_true(mask: torch.Tensor, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices [..., budget] of `mask`'s True entries [..., N] in ascending order, padded with False
+    ones, and which of them are True: a fixed-shape list of a variable number of patches (the
+    official code's torch.nonzero, which would wait for the host)."""
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :budget]
+    return order, torch.gather(mask, -1, order)

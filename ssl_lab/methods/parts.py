@@ -301,6 +301,14 @@ def cosine_momentum(step: int, total_steps: int, base: float, end: float = 1.0) 
     return end - (end - base) * (math.cos(math.pi * step / (total_steps - 1)) + 1) / 2
 
 
+def linear_momentum(step: int, total_steps: int, base: float, end: float = 1.0) -> float:
+    """tau linear from `base` at the first optimizer step to `end` at the last (MSN's and I-JEPA's
+    momentum_scheduler)."""
+    if total_steps <= 1:
+        return end
+    return base + (end - base) * step / (total_steps - 1)
+
+
 class MomentumTeacher(nn.Module):
     """Frozen copies of student modules, e.g. `MomentumTeacher({"backbone": b, "projector": p}, 0.99)`
     (then `teacher.backbone`, `teacher.projector`), moved towards the students after each optimizer
@@ -309,10 +317,16 @@ class MomentumTeacher(nn.Module):
     last tau, is a buffer: saved with the model, and a method can log it."""
 
     def __init__(
-        self, students: dict[str, nn.Module], base: float, end: float = 1.0, drop_path: bool = True
+        self,
+        students: dict[str, nn.Module],
+        base: float,
+        end: float = 1.0,
+        drop_path: bool = True,
+        linear: bool = False,
     ) -> None:
         """`drop_path=False`: the copies without stochastic depth (timm's DropPath), as DINO, iBOT and
-        DINOv2 build their teachers."""
+        DINOv2 build their teachers. `linear`: tau linear from `base` to `end` (MSN, I-JEPA) instead of
+        BYOL's cosine."""
         super().__init__()
         for name, module in students.items():
             self.add_module(name, copy.deepcopy(module))
@@ -321,11 +335,12 @@ class MomentumTeacher(nn.Module):
             if hasattr(module, "drop_prob"):
                 module.drop_prob = 0.0
         self.base, self.end = base, end
+        self.schedule = linear_momentum if linear else cosine_momentum
         self.register_buffer("momentum", torch.tensor(float(base)))
 
     @torch.no_grad()
     def update(self, students: dict[str, nn.Module], step: int, total_steps: int) -> None:
-        tau = cosine_momentum(step, total_steps, self.base, self.end)
+        tau = self.schedule(step, total_steps, self.base, self.end)
         teacher = [p for name in students for p in self.get_submodule(name).parameters()]
         student = [p.detach() for module in students.values() for p in module.parameters()]
         torch._foreach_mul_(teacher, tau)
@@ -345,9 +360,9 @@ def crop_scale(key: str, value: Sequence[float] | None) -> tuple[float, float] |
 
 
 class MultiCrop:
-    """Multi-crop views (DINO, SwAV): two global views, then `num_local` local ones of `local_size` px
-    (one backbone pass), their settings checked once, at construction. `paper` names the paper and its
-    settings in the errors (e.g. "DINO", "0.05-0.4 and 0.4-1")."""
+    """Multi-crop views (DINO, SwAV): `num_global` global views (two), then `num_local` local ones of
+    `local_size` px (one backbone pass), their settings checked once, at construction. `paper` names the
+    paper and its settings in the errors (e.g. "DINO", "0.05-0.4 and 0.4-1")."""
 
     def __init__(
         self,
@@ -357,8 +372,9 @@ class MultiCrop:
         local_scale: Sequence[float],
         global_scale: Sequence[float] | None,
         paper: tuple[str, str],
+        num_global: int = 2,
     ) -> None:
-        self.num_local, self.local_size = num_local, local_size
+        self.num_global, self.num_local, self.local_size = num_global, num_local, local_size
         self.local_scale = crop_scale("local_crop_scale", local_scale)
         self.global_scale = crop_scale("global_crop_scale", global_scale)
         if num_local:
@@ -385,7 +401,10 @@ class MultiCrop:
     def views(self, draw: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
         glob = {} if self.global_scale is None else {"crop_scale": self.global_scale}
         local = {"size": self.local_size, "crop_scale": self.local_scale}
-        return [draw(**glob), draw(**glob), *(draw(**local) for _ in range(self.num_local))]
+        return [
+            *(draw(**glob) for _ in range(self.num_global)),
+            *(draw(**local) for _ in range(self.num_local)),
+        ]
 
 
 # ---------------------------------------------------------------------------- a ViT's tokens
@@ -415,18 +434,47 @@ def check_vit(backbone: nn.Module, method: str) -> None:
         )
 
 
+def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
+    """An additive attention mask [B, 1, 1, L] from `valid` [B, L] (False: a padding token no query may
+    attend to): 0 or -inf, in fp32, which timm's Block (from timm 1.0.16) adds to the attention scores
+    on its fused (scaled_dot_product_attention) and plain paths alike; a boolean mask would be added as
+    0/1 by timm's plain path before 1.0.26. Every row must keep a valid token."""
+    zero = torch.zeros((), device=valid.device)
+    return torch.where(valid, zero, torch.full_like(zero, float("-inf")))[:, None, None, :]
+
+
+def check_attention_masks(method: str) -> None:
+    """A UserError when the installed timm's Block takes no attention mask (before timm 1.0.16)."""
+    import inspect
+
+    from timm.models.vision_transformer import Block
+
+    if "attn_mask" not in inspect.signature(Block.forward).parameters:
+        import timm
+
+        raise UserError(
+            f"method={method} needs attention masks in timm's ViT blocks, which timm {timm.__version__} lacks: "
+            "pip install 'timm>=1.0.16'"
+        )
+
+
 def vit_tokens(
     vit: nn.Module,
     images: torch.Tensor,
     mask: torch.Tensor | None = None,
     mask_token: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> Tokens:
     """timm's VisionTransformer.forward_features with the patches masked, as the masked-image methods
     need: `mask` [B, N] (True: masked) puts `mask_token` [1, D] in the masked patches' places before
     the position embedding is added (iBOT, DINOv2, SimMIM; lightly's MaskedVisionTransformerTIMM
     with `mask`); `keep` [B, K] indices of the patches to keep, the others dropped after it (MAE,
-    I-JEPA's context). The prefix tokens ([CLS], registers) are always kept."""
+    I-JEPA's context). The prefix tokens ([CLS], registers) are always kept.
+
+    `valid` [B, K] (with `keep`; True: a real token): images keeping different numbers of patches in
+    one fixed-shape batch, the padding slots hidden from every token's attention (`key_padding_mask`),
+    so each image's real tokens come out as if encoded alone (I-JEPA's context blocks)."""
     x = vit.patch_embed(images)  # [B, N, D], or [B, H, W, D] with dynamic_img_size
     if mask is not None:
         if mask_token is None:
@@ -438,7 +486,15 @@ def vit_tokens(
     if keep is not None:
         kept = torch.gather(x[:, prefix:], 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :prefix], kept], dim=1)
-    x = vit.norm(vit.blocks(vit.norm_pre(vit.patch_drop(x))))
+    x = vit.norm_pre(vit.patch_drop(x))
+    if valid is None:
+        x = vit.blocks(x)
+    else:
+        prefix_valid = torch.ones(x.shape[0], prefix, dtype=torch.bool, device=x.device)
+        attn_mask = key_padding_mask(torch.cat([prefix_valid, valid], dim=1))
+        for block in vit.blocks:
+            x = block(x, attn_mask=attn_mask)
+    x = vit.norm(x)
     cls = 1 if vit.cls_token is not None else 0
     return Tokens(
         x[:, 0] if cls else None, x[:, cls:prefix], x[:, prefix:], vit.forward_head(x, pre_logits=True), x
