@@ -26,7 +26,6 @@ from ssl_lab.methods.mae import sincos_pos_embed
 from ssl_lab.methods.masks import block_size, first_true, multiblock_masks, multiblock_noise
 from ssl_lab.methods.parts import (
     MomentumTeacher,
-    check_attention_masks,
     check_vit,
     key_padding_mask,
     vit_tokens,
@@ -131,7 +130,6 @@ class IJEPA(Method):
         backbone's own). `fixed_pos_embed`: the encoder's position embedding the fixed sine-cosine one
         (vision_transformer.py)."""
         check_vit(backbone, "ijepa")
-        check_attention_masks("ijepa")
         if pool is not None:
             if pool not in ("avg", "token"):
                 raise UserError(

@@ -443,21 +443,6 @@ def key_padding_mask(valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, zero, torch.full_like(zero, float("-inf")))[:, None, None, :]
 
 
-def check_attention_masks(method: str) -> None:
-    """A UserError when the installed timm's Block takes no attention mask (before timm 1.0.16)."""
-    import inspect
-
-    from timm.models.vision_transformer import Block
-
-    if "attn_mask" not in inspect.signature(Block.forward).parameters:
-        import timm
-
-        raise UserError(
-            f"method={method} needs attention masks in timm's ViT blocks, which timm {timm.__version__} lacks: "
-            "pip install 'timm>=1.0.16'"
-        )
-
-
 def vit_tokens(
     vit: nn.Module,
     images: torch.Tensor,
