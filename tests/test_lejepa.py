@@ -101,3 +101,15 @@ def test_a_batch_of_one_and_a_single_view_are_refused() -> None:
         small_lejepa().check_batch(1)
     with pytest.raises(UserError, match="at least two views"):
         small_lejepa(num_global_views=1)
+
+
+def test_the_projector_is_lightlys_lejepa_projection_head() -> None:
+    """Layer by layer the same as LeJEPAProjectionHead (Linear-BN-ReLU twice, then a Linear with bias):
+    with the same weights, the same outputs."""
+    from lightly.models.modules import LeJEPAProjectionHead
+
+    model = small_lejepa()
+    theirs = LeJEPAProjectionHead(input_dim=model.num_features, hidden_dim=32, output_dim=8)
+    theirs.layers.load_state_dict(model.projector.state_dict())  # the same names: a missing one raises
+    x = torch.randn(16, model.num_features)
+    torch.testing.assert_close(model.projector(x), theirs(x))

@@ -128,3 +128,25 @@ def test_bad_settings_are_refused() -> None:
         small_msn(mask_ratio=0.99)
     with pytest.raises(UserError, match="batch_size=1"):
         small_msn().check_batch(1)
+
+
+def test_the_projector_is_the_official_fc_and_lightlys_head() -> None:
+    """deit.py's fc with use_bn: Linear-BN-GELU twice, then a Linear, every Linear with a bias (zero at
+    init). lightly's MSNProjectionHead leaves the bias out of the Linears before BN, which cancels a
+    bias in training mode: with the same weights, the same outputs, whatever those biases are."""
+    from lightly.models.modules.heads import MSNProjectionHead
+
+    from ssl_lab.methods.msn import msn_projector
+
+    ours = msn_projector(16, 32, 8)
+    assert [type(m).__name__ for m in ours] == ["Linear", "BatchNorm1d", "GELU"] * 2 + ["Linear"]
+    assert all(m.bias is not None and not m.bias.any() for m in ours if isinstance(m, torch.nn.Linear))
+    theirs = MSNProjectionHead(input_dim=16, hidden_dim=32, output_dim=8)
+    theirs.layers.load_state_dict(
+        {k: v for k, v in ours.state_dict().items() if k not in ("0.bias", "3.bias")}
+    )
+    with torch.no_grad():
+        ours[0].bias.add_(1.0)
+        ours[3].bias.add_(-0.5)
+    x = torch.randn(12, 16)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
