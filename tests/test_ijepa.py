@@ -161,3 +161,8 @@ def test_bad_settings_are_refused() -> None:
         small_ijepa(target_scale=[0.3, 0.2])
     with pytest.raises(UserError, match="method.pool='max'"):
         small_ijepa(pool="max")
+    cfg = compose_cfg(
+        ["backbone=timm", *VIT, "++backbone.kwargs.class_token=false", "++backbone.kwargs.global_pool=avg"]
+    )
+    with pytest.raises(UserError, match="method.pool=token reads the \\[CLS\\] token"):
+        IJEPA(instantiate(cfg.backbone), pred_dim=32, pred_depth=1, pool="token")

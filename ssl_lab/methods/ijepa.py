@@ -135,6 +135,11 @@ class IJEPA(Method):
                 raise UserError(
                     f"method.pool={pool!r}: choose avg (the paper), token ([CLS]) or null (the backbone's)"
                 )
+            if pool == "token" and getattr(backbone, "cls_token", None) is None:
+                raise UserError(
+                    "method.pool=token reads the [CLS] token, which this ViT has not "
+                    "(backbone.kwargs.class_token=false): use method.pool=avg"
+                )
             backbone.global_pool = pool
         super().__init__(backbone, concat_views=True)
         embed = backbone.patch_embed
