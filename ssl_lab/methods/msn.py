@@ -61,9 +61,10 @@ def msn_loss(
         log_p = F.log_softmax(logits, dim=1)
         with torch.no_grad():
             t_logits = F.normalize(targets.float(), dim=1) @ protos.T / (temperature * sharpen)
-            t = F.softmax(t_logits, dim=1)
-            if sinkhorn_iterations:
+            if sinkhorn_iterations:  # Sinkhorn-Knopp from the sharpened softmax: exp of its log
                 t = sinkhorn(F.log_softmax(t_logits, dim=1), 1.0, sinkhorn_iterations)
+            else:
+                t = F.softmax(t_logits, dim=1)
             t = t.repeat(anchors.shape[0] // targets.shape[0], 1)
         cross = -(t * log_p).sum(dim=1).mean()
         # the mean assignment over every process's anchors, with gradients to each (the official
