@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 
 from ssl_lab.config import CONF_DIR, check_config, compose
 from ssl_lab.errors import UserError, run_reporting_errors
+from ssl_lab.report import read_results
 
 RESULTS = Path("benchmarks/results/lightly_cifar10.jsonl")
 OUT_NAME = "lightly_cifar10.jsonl"
@@ -58,19 +59,6 @@ def pick_rows(wanted: str | None) -> list[str]:
         short = ", ".join(r.removeprefix("lightly_cifar10_") for r in rows)
         raise UserError(f"--rows: no row {', '.join(unknown)}; the table's rows are {short}")
     return names
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    lines = []
-    for number, text in enumerate(path.read_text().splitlines(), 1):
-        if text.strip():
-            try:
-                lines.append(json.loads(text))
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{number} is not a JSON line; fix or remove it") from None
-    return lines
 
 
 def done(lines: list[dict[str, Any]], overrides: list[str]) -> set[str]:
@@ -232,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = start + args.budget
     rows = pick_rows(args.rows)
     out_file = args.out / OUT_NAME
-    have = done(read_lines(args.results) + read_lines(out_file), args.overrides)
+    have = done(read_results(args.results) + read_results(out_file), args.overrides)
     todo = [r for r in rows if r not in have]
     print(f"fill_table: {len(rows) - len(todo)} of {len(rows)} rows done ({args.results}, {out_file}); "
           f"budget {args.budget:.0f} s; torch {torch.__version__}, "

@@ -595,6 +595,8 @@ def results_markdown(lines: list[dict[str, Any]]) -> str:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file of python -m ssl_lab.fill_table (none when it does not exist yet); a
+    line that is not one of its rows ends the program with a one-line error."""
     lines = []
     for number, text in enumerate(read(path).splitlines(), 1):
         if text.strip():

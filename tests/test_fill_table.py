@@ -65,7 +65,7 @@ def test_unknown_rows_and_broken_results_files_are_one_line_errors(tmp_path: Pat
     broken = tmp_path / "r.jsonl"
     broken.write_text('{"row": "lightly_cifar10_simclr"}\nnot json\n')
     bad = run_cli("--budget", "10", "--results", str(broken), cwd=tmp_path, module="ssl_lab.fill_table")
-    assert bad.returncode == 2 and "r.jsonl:2 is not a JSON line" in bad.stderr
+    assert bad.returncode == 2 and "r.jsonl:2 is not a line of python -m ssl_lab.fill_table" in bad.stderr
 
 
 def test_the_table_sets_ssl_labs_figure_beside_lightlys_and_flags_a_gap_as_a_finding() -> None:

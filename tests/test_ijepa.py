@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Draw
 from ssl_lab.methods.ijepa import IJEPA, IJEPAPredictor, ijepa_loss
+from ssl_lab.methods.mae import MAEDecoder
 from ssl_lab.methods.masks import block_size, first_true, multiblock_masks, multiblock_noise
 from ssl_lab.methods.parts import vit_tokens
 
@@ -31,6 +32,25 @@ def official_block_size(u: float, grid, scale, aspect) -> tuple[int, int]:
     while w >= width:
         w -= 1
     return h, w
+
+
+def test_the_predictor_and_mae_decoder_start_as_their_papers_code() -> None:
+    """I-JEPA's init_model: Linear weights normal with std 0.02; models_mae.py: Xavier-uniform, each
+    within sqrt(6 / (fan_in + fan_out)) and spread as uniform (std bound / sqrt(3)). Biases 0, LayerNorms
+    1 and 0. The two were told apart by a 0.02 std against Xavier's ~0.06-0.09 at these widths."""
+    torch.manual_seed(0)
+    for module, expected_std in [
+        (IJEPAPredictor(192, (8, 8), dim=384, depth=2, heads=6), lambda w: 0.02),
+        (MAEDecoder(192, (8, 8), 4, dim=256, depth=2, heads=8), lambda w: math.sqrt(2 / sum(w.shape))),
+    ]:
+        linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+        norms = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+        assert linears and norms
+        for linear in linears:
+            assert linear.weight.std().item() == pytest.approx(expected_std(linear.weight), rel=0.1)
+            assert linear.bias is None or not linear.bias.any()
+        for norm in norms:
+            assert (norm.weight == 1).all() and not norm.bias.any()
 
 
 @pytest.mark.parametrize("grid", [(14, 14), (8, 8), (4, 4)])

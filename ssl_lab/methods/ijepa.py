@@ -22,7 +22,7 @@ from ssl_lab import distributed
 from ssl_lab.config import PositiveInt, Probability
 from ssl_lab.errors import UserError
 from ssl_lab.methods.base import Method
-from ssl_lab.methods.mae import sincos_pos_embed
+from ssl_lab.methods.mae import sincos_pos_embed, transformer_init
 from ssl_lab.methods.masks import block_size, first_true, multiblock_masks, multiblock_noise
 from ssl_lab.methods.parts import (
     MomentumTeacher,
@@ -32,17 +32,8 @@ from ssl_lab.methods.parts import (
 )
 from ssl_lab.methods.parts import crop_scale as check_crop_scale
 
-
-def ijepa_init(module: nn.Module) -> None:
-    """helper.py's init_model: every Linear truncated-normal (std 0.02) with zero bias, LayerNorms 1
-    and 0."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+# helper.py's init_model: MAE's, with every Linear truncated-normal (std 0.02)
+ijepa_init = partial(transformer_init, linear_init=partial(nn.init.trunc_normal_, std=0.02))
 
 
 class IJEPAPredictor(nn.Module):

@@ -67,10 +67,13 @@ def random_masking(noise: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.
     return shuffle[:, :keep], restore, (restore >= keep).float()
 
 
-def mae_init(module: nn.Module) -> None:
-    """models_mae.py's initialisation: Linear layers Xavier-uniform with zero bias, LayerNorms 1 and 0."""
+def transformer_init(
+    module: nn.Module, linear_init: Callable[[torch.Tensor], object] = nn.init.xavier_uniform_
+) -> None:
+    """models_mae.py's initialisation, for `module.apply`: Linear weights by `linear_init` (MAE's
+    Xavier-uniform; I-JEPA's truncated normal, std 0.02) with zero bias, LayerNorms 1 and 0."""
     if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
+        linear_init(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -98,7 +101,7 @@ class MAEDecoder(nn.Module):
         )
         self.norm = norm(dim)
         self.predict = nn.Linear(dim, patch_size**2 * 3)
-        self.apply(mae_init)
+        self.apply(transformer_init)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, tokens: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
@@ -169,7 +172,7 @@ class MAE(Method):
         )  # fmt: skip
 
     def init_encoder(self, vit: VisionTransformer) -> None:
-        vit.apply(mae_init)
+        vit.apply(transformer_init)
         w = vit.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the flattened patch
         if vit.cls_token is not None:
