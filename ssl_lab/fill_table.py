@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 
 from ssl_lab.config import CONF_DIR, check_config, compose
 from ssl_lab.errors import UserError, run_reporting_errors
+from ssl_lab.loggers import read_metrics
 from ssl_lab.report import read_results
 
 RESULTS = Path("benchmarks/results/lightly_cifar10.jsonl")
@@ -162,7 +163,7 @@ def result_line(
     """The row's figures, read from the run's metrics.jsonl and config, with what made them."""
     from ssl_lab.rundir import git_state
 
-    metrics = [json.loads(t) for t in (run_dir / "metrics.jsonl").read_text().splitlines() if t.strip()]
+    metrics = read_metrics(run_dir)
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
 
     def values(key: str) -> list[tuple[int, float]]:
