@@ -5,8 +5,9 @@
 #
 # Prints markdown for benchmarks/README.md, most telling part first, so that a check cut short by the
 # machine's time limit still says the most: device and torch; the bench with host syncs per step
-# (augment alone, model step alone, full step, their ratio); seconds per epoch of the real runner; with
-# CIFAR-10 present a short SimCLR run's kNN; fp32/bf16 x contiguous/channels_last and compile on/off;
+# (augment alone, model step alone, full step, their ratio); the same with the model step and the
+# augmentation compiled; seconds per epoch of the real runner; with CIFAR-10 present a short SimCLR
+# run's kNN; fp32/bf16 x contiguous/channels_last, compile on/off, and the augmentation compiled or not;
 # ResNet-50 at 224 px on ImageNet-sized JPEGs decoded by 14 workers (made on the spot, no download).
 # Each part runs under `timeout`, the lesser of its own limit and the time left of the budget; a part
 # that fails or is cut says so in one line and the next part runs. Python's stderr (warnings, any
@@ -89,6 +90,11 @@ nvidia-smi -L 2>/dev/null || echo "no nvidia-smi here (device: $DEVICE)"
 $PY -c "import torch; print('torch', torch.__version__, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA', '| data:', '${DATA[*]}')"
 part 150 "python -m ssl_lab.bench ${DATA[*]} ${COMMON[*]} ${BENCH[*]} --syncs" \
     $PY -m ssl_lab.bench "${DATA[@]}" "${COMMON[@]}" "${BENCH[@]}" --syncs
+# both compiled, the model step and the augmentation (trainer.compile_augment): the full step and the loop
+# against the compiled model step, side by side in one run (issue 34's goal: 0.9x)
+FILTER="trainer:|alone|full|loop" part 150 \
+    "python -m ssl_lab.bench ${DATA[*]} ${COMMON[*]} ${BENCH[*]} trainer.compile=true trainer.compile_augment=true" \
+    $PY -m ssl_lab.bench "${DATA[@]}" "${COMMON[@]}" "${BENCH[@]}" trainer.compile=true trainer.compile_augment=true
 # 2 processes on this torch (gloo on the CPU: a GPU each is not needed to catch a version defect):
 # check_ddp trains 1 process, then 2 through the runner's launcher (DDP, sync BN, the gathered loss)
 DDP=(debug=smoke trainer.device=cpu logger=none method=nnclr)

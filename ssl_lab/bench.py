@@ -4,6 +4,7 @@
     python -m ssl_lab.bench trainer.channels_last=true      # any Hydra override of the train config
     python -m ssl_lab.bench backbone=resnet_tiny batch_size=128
     python -m ssl_lab.bench --steps 5 --variants            # also channels_last / bf16 / torch.compile
+                                                            # (the model's, and the augmentation's)
     python -m ssl_lab.bench trainer.device=cuda --syncs     # on a GPU (timings synchronise CUDA); host syncs
     python -m ssl_lab.bench --variants-only                 # only the model settings side by side
     bash benchmarks/gpu.sh                                  # the whole GPU check, as a markdown table
@@ -343,6 +344,26 @@ def compare_variants(overrides: list[str], steps: int, warmup: int, compile_too:
         eager, rate = (b / statistics.median(times[k]) for k in (best, "compiled"))
         report(f"compile + {best}", b, times["compiled"], f"  {rate / eager:5.2f}x uncompiled, in turn with it "
                f"({eager:.0f} img/s); compiling took {first:.0f} s (not counted)")  # fmt: skip
+        augment_compiled(overrides, images, steps, warmup)
+
+
+def augment_compiled(overrides: list[str], images: torch.Tensor, steps: int, warmup: int) -> None:
+    """The augmentation alone (the method's views of `images`, random draws included), eager against
+    trainer.compile_augment, taking turns."""
+    steps_of = {
+        name: build_step(compose_config([*overrides, f"trainer.compile_augment={flag}"]), images.device)
+        for name, flag in (("augment alone", "false"), ("augment alone, compiled", "true"))
+    }
+    rng = torch.Generator(images.device).manual_seed(0)
+    fns = {name: (lambda step=step: step.views(images, rng)) for name, step in steps_of.items()}
+    first = timed({"first": fns["augment alone, compiled"]}, 1, 0, images.device)["first"][0]
+    times = timed(fns, steps, warmup, images.device)
+    b = images.shape[0]
+    eager, rate = (b / statistics.median(t) for t in times.values())
+    print("augmentation alone, eager and compiled (trainer.compile_augment), taking turns:")
+    report("augment alone", b, times["augment alone"])
+    report("augment alone, compiled", b, times["augment alone, compiled"],
+           f"  {rate / eager:5.2f}x eager; compiling took {first:.0f} s (not counted)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -367,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ssl_lab.bench: torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
     print(f"  {cfg.method.name} + {cfg.backbone.name}{stem}, {cfg.data.image_size}x{cfg.data.image_size} px, "
           f"batch {cfg.batch_size}, data={cfg.data.name}, optimizer {cfg.optimizer._target_.split('.')[-1]}")  # fmt: skip
-    print(f"  trainer: channels_last={t.channels_last} precision={t.precision} compile={t.compile}")
+    print(f"  trainer: channels_last={t.channels_last} precision={t.precision} compile={t.compile} "
+          f"compile_augment={t.compile_augment}")  # fmt: skip
     if args.variants_only:
         compare_variants(args.overrides, args.steps, args.warmup, not args.no_compile)
         return

@@ -142,8 +142,11 @@ class TrainStep:
         rank: int = 0,
         world: int = 1,
         probe: OnlineLinear | None = None,
+        compile_augment: bool = False,
     ) -> None:
         self.model, self.forward, self.augment, self.probe = model, forward, augment, probe
+        self.compile_augment = compile_augment
+        self.compiled: dict[Augment, Callable] = {}  # each view's augmentation, compiled on first use
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.autocast_dtype, self.grad_clip, self.channels_last = autocast_dtype, grad_clip, channels_last
         self.batch_size, self.rank, self.world = batch_size, rank, world
@@ -159,6 +162,17 @@ class TrainStep:
         if key not in self.variants:
             self.variants[key] = augment.variant(**changes).to(self.augment.mean_t.device)
         return self.variants[key]
+
+    def apply(self, augment: Augment) -> Callable:
+        """`augment.apply`, or with trainer.compile_augment that function compiled (one graph per
+        augmentation, compiled on its first batch): its pixel ops fused into few kernels, where eager
+        runs over a hundred small ones, which bounds the step on GPUs at 32 px. The random draws
+        (`sample_params`) stay eager, on the run's stream, so the views are the same draws."""
+        if not self.compile_augment:
+            return augment.apply
+        if augment not in self.compiled:
+            self.compiled[augment] = torch.compile(augment.apply, fullgraph=True, dynamic=False)
+        return self.compiled[augment]
 
     def view_augments(self) -> list[Augment]:
         """The augmentation of each of the method's views, in order (Method.views with its changes)."""
@@ -197,7 +211,7 @@ class TrainStep:
             if self.world > 1:
                 local = self.batch_size // self.world
                 params = {k: v[self.rank * local : (self.rank + 1) * local] for k, v in params.items()}
-            view = augment.apply(source, params, cropped=cropped)
+            view = self.apply(augment)(source, params, cropped=cropped)
             return view.contiguous(memory_format=torch.channels_last) if self.channels_last else view
 
         def noise(*shape: int) -> torch.Tensor:  # drawn for the global batch and sliced, as the views
@@ -414,4 +428,5 @@ def build_step(
     return TrainStep(
         model, forward, augment, optimizer, scheduler, scaler, dtype, cfg.trainer.grad_clip,
         cfg.trainer.channels_last, cfg.batch_size, steps_per_epoch, cfg.epochs, rank, world, probe,
+        cfg.trainer.compile_augment,
     )  # fmt: skip

@@ -100,6 +100,7 @@ class TrainerConfig:
     precision: str = knob("trainer.precision=bf16", choices=("auto", "32", "bf16", "16"))
     channels_last: bool = knob("trainer.channels_last=true")
     compile: bool = knob("trainer.compile=true")
+    compile_augment: bool = knob("trainer.compile_augment=true")
     overlap: bool = knob("trainer.overlap=false")
     grad_clip: float | None = knob("trainer.grad_clip=1.0", min=0)  # 0 or null: off
     num_workers: int = knob("trainer.num_workers=4", min=0)

@@ -109,6 +109,7 @@ def gpu_check(budget_s: int) -> subprocess.CompletedProcess:
 
 PARTS = (
     "python -m ssl_lab.bench",
+    "python -m ssl_lab.bench",
     "python -m ssl_lab.check_ddp --nproc 2 --steps 3 debug=smoke trainer.device=cpu logger=none method=nnclr",
     "python -m ssl_lab.train",
     "python -m ssl_lab.train",
@@ -130,7 +131,8 @@ def test_gpu_check_rehearses_every_part_on_the_cpu():
     assert out.count("(wall ") == len(PARTS)
     for figure in (*FIGURES, "host syncs per full step", "epoch 1/1  loss", "epoch 2/2  loss",
                    "kNN top-1 on the validation split", "channels_last bf16", "ssl_lab data path alone",
-                   "PASS: 2 processes train like 1", "compiled"):  # fmt: skip
+                   "PASS: 2 processes train like 1", "compiled", "augment alone, compiled",
+                   "compile=True compile_augment=True"):  # fmt: skip
         assert figure in out, figure
     assert out.startswith("## GPU check") and out.rstrip().endswith("```")
 

@@ -6,6 +6,7 @@ runner, defined in this file alone."""
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -188,3 +189,37 @@ def test_the_loop_prefetching_the_next_batchs_views_trains_exactly_as_one_step_a
     assert len(loss_a) == 3 and torch.equal(loss_a, loss_b)  # views and the keys' order: the stream's
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b)) and torch.equal(rng_a, rng_b)
     assert Prefetch(step, iter([]), rng, device, overlap=True).side is None  # no stream on a CPU
+
+
+@pytest.mark.slow
+def test_compiled_augmentation_makes_the_same_views_and_compiles_once_per_view() -> None:
+    """trainer.compile_augment: each view's augmentation compiled (fullgraph: no graph break, so no
+    host sync on a GPU), drawing the same parameters from the run's stream, so the views equal the
+    eager ones up to float rounding (atol 1e-4 on normalised pixels: a wrong op or draw moves them by
+    0.01 or more); asymmetric views (two augmentations) compile once each, and later steps reuse them."""
+    from hydra.utils import instantiate
+
+    from ssl_lab.build import build_model, build_step
+
+    cfg = compose_cfg([*FAST, "augment=asymmetric_cifar", "augment.blur_p=0.5", "batch_size=16"])
+    model = build_model(cfg, torch.device("cpu"))
+    step = build_step(cfg, model, instantiate(cfg.augment), steps_per_epoch=4)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    torch._dynamo.reset()
+
+    def views(compiled: bool, seed: int) -> list[torch.Tensor]:
+        step.compile_augment = compiled
+        return step.views(images, torch.Generator().manual_seed(seed))
+
+    def same_views(seed: int) -> list[torch.Tensor]:
+        eager, compiled = views(False, seed), views(True, seed)
+        assert len(compiled) == 2 and len(step.compiled) == 2
+        for a, b in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+        return eager
+
+    first = same_views(0)  # every augmentation compiles at the first batch ...
+    assert not torch.equal(first[0], first[1])  # (two views that differ: not one view compared twice)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # ... and never again
+        for seed in (1, 2):
+            same_views(seed)
