@@ -359,7 +359,7 @@ def augment_compiled(overrides: list[str], images: torch.Tensor, steps: int, war
     first = timed({"first": fns["augment alone, compiled"]}, 1, 0, images.device)["first"][0]
     times = timed(fns, steps, warmup, images.device)
     b = images.shape[0]
-    eager, rate = (b / statistics.median(t) for t in times.values())
+    eager, rate = (b / statistics.median(times[k]) for k in ("augment alone", "augment alone, compiled"))
     print("augmentation alone, eager and compiled (trainer.compile_augment), taking turns:")
     report("augment alone", b, times["augment alone"])
     report("augment alone, compiled", b, times["augment alone, compiled"],
